@@ -1,0 +1,21 @@
+"""metakernels: compiled-kernel accelerated meta-gradients for PyTorch.
+
+Import torch before the compiled extension so one OpenMP runtime (torch's libgomp) is loaded.
+"""
+
+import torch  # noqa: F401  (must precede metakernels._C)
+
+from ._backend import cpu_backend, extension_available, extension_error
+from .ops import inner_step, reptile_meta_gradient, reptile_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "cpu_backend",
+    "extension_available",
+    "extension_error",
+    "inner_step",
+    "reptile_meta_gradient",
+    "reptile_update",
+]
