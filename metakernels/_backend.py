@@ -64,7 +64,7 @@ def _kernel_table(module_name: str) -> dict[str, Callable]:
     """Op name -> kernel function, from metakernels.reference or metakernels.triton."""
     table: dict[str, Callable] = {}
     for op in ops.OP_NAMES:
-        file = op.removesuffix("_backward")
+        file = op.removesuffix("_backward").removesuffix("_out")
         module = importlib.import_module(f"metakernels.{module_name}.{file}")
         table[op] = getattr(module, op)
     return table

@@ -111,6 +111,15 @@ def check_inner_step_args(
     return mode
 
 
+def check_inner_step_out(theta: torch.Tensor, out: torch.Tensor) -> None:
+    if out.shape != theta.shape or not out.is_contiguous():
+        raise ValueError(
+            f"metakernels.inner_step: out must be a contiguous tensor of theta's shape {shape_str(theta)}, "
+            f"got {shape_str(out)}" + ("" if out.is_contiguous() else " (non-contiguous)")
+        )
+    check_like("inner_step", "out", out, "theta", theta)
+
+
 def check_inner_step_backward_args(grad_out: torch.Tensor, theta: torch.Tensor, output_mask: list[bool]) -> None:
     if grad_out.shape != theta.shape:
         raise ValueError(

@@ -86,16 +86,26 @@ kernels::LrSpec<T> lr_spec(const CheckedLr& checked, const at::Tensor& lr) {
 
 }  // namespace
 
-at::Tensor inner_step_cpu(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& lr_in,
-                          const std::optional<at::Tensor>& segment_offsets, const std::optional<at::Tensor>& theta0_in,
-                          double prox, double weight_decay) {
+namespace {
+
+// Writes into out_in when given (contiguous, theta's shape and dtype; it may be theta itself: each output
+// element depends only on the same element of the inputs), else into a new tensor.
+at::Tensor inner_step_into(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& lr_in,
+                           const std::optional<at::Tensor>& segment_offsets, const std::optional<at::Tensor>& theta0_in,
+                           double prox, double weight_decay, const std::optional<at::Tensor>& out_in) {
   const CheckedLr checked =
       check_inner_step_args(theta_in, grad_in, lr_in, segment_offsets, theta0_in, prox, weight_decay);
+  if (out_in.has_value()) {
+    TORCH_CHECK_VALUE(out_in->sizes() == theta_in.sizes() && out_in->is_contiguous(),
+                      "metakernels.inner_step: out must be a contiguous tensor of theta's shape ", shape_str(theta_in),
+                      ", got ", shape_str(*out_in), out_in->is_contiguous() ? "" : " (non-contiguous)");
+    check_like(kOp, "out", *out_in, "theta", theta_in);
+  }
   const at::Tensor theta = theta_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor lr = lr_in.contiguous();
   const at::Tensor theta0 = theta0_in.has_value() ? theta0_in->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(theta, at::MemoryFormat::Contiguous);
+  at::Tensor out = out_in.has_value() ? *out_in : at::empty_like(theta, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, theta.scalar_type(), "inner_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     kernels::inner_step_forward<scalar_t, acc_t>(
@@ -105,6 +115,20 @@ at::Tensor inner_step_cpu(const at::Tensor& theta_in, const at::Tensor& grad_in,
         theta.size(1), torch_threads());
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor inner_step_cpu(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& lr,
+                          const std::optional<at::Tensor>& segment_offsets, const std::optional<at::Tensor>& theta0,
+                          double prox, double weight_decay) {
+  return inner_step_into(theta, grad, lr, segment_offsets, theta0, prox, weight_decay, std::nullopt);
+}
+
+void inner_step_out_cpu(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& lr,
+                        const std::optional<at::Tensor>& segment_offsets, const std::optional<at::Tensor>& theta0,
+                        double prox, double weight_decay, at::Tensor out) {
+  inner_step_into(theta, grad, lr, segment_offsets, theta0, prox, weight_decay, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inner_step_backward_cpu(
@@ -225,6 +249,7 @@ at::Tensor inner_step_autograd(const at::Tensor& theta, const at::Tensor& grad, 
 void register_inner_step_cpu(torch::Library& m) {
   m.impl("inner_step", &inner_step_cpu);
   m.impl("inner_step_backward", &inner_step_backward_cpu);
+  m.impl("inner_step_out", &inner_step_out_cpu);
 }
 
 void register_inner_step_autograd(torch::Library& m) { m.impl("inner_step", &inner_step_autograd); }

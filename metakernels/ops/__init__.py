@@ -4,6 +4,6 @@ from .inner_step import inner_step
 from .reptile_update import reptile_meta_gradient, reptile_update
 
 # Op names as registered under torch.ops.metakernels, for the backend registry, the profiler and tests.
-OP_NAMES = ("inner_step", "inner_step_backward", "reptile_update")
+OP_NAMES = ("inner_step", "inner_step_backward", "inner_step_out", "reptile_update")
 
 __all__ = ["inner_step", "reptile_update", "reptile_meta_gradient", "OP_NAMES"]

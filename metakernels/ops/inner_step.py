@@ -24,7 +24,16 @@ LIBRARY.define(
     "Tensor? theta0, float prox, float weight_decay, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
+# The no-autograd variant writing into a caller's buffer, which may be theta itself (in-place update):
+# inner loops run without a graph (FOMAML's, Reptile's, iMAML's) and benchmarks reuse it to avoid
+# allocating (and page-faulting) a fresh [T, P] output per call.
+LIBRARY.define(
+    "inner_step_out(Tensor theta, Tensor grad, Tensor lr, Tensor? segment_offsets, Tensor? theta0, "
+    "float prox, float weight_decay, Tensor(a!) out) -> ()"
+)
+
 _INNER_STEP = torch.ops.metakernels.inner_step.default
+_INNER_STEP_OUT = torch.ops.metakernels.inner_step_out.default
 _INNER_STEP_BACKWARD = torch.ops.metakernels.inner_step_backward.default
 
 
@@ -37,6 +46,7 @@ def inner_step(
     theta0: torch.Tensor | None = None,
     prox: float = 0.0,
     weight_decay: float = 0.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One gradient step of every task and every parameter tensor, as one fused kernel.
 
@@ -50,18 +60,36 @@ def inner_step(
         theta0: [P] or [T, P] anchor of the proximal term (iMAML-style regularised inner loss).
         prox: weight lambda of the proximal term lambda/2 * ||theta - theta0||^2; needs theta0 when non-zero.
         weight_decay: L2 weight decay coefficient.
+        out: optional contiguous [T, P] buffer to write into (may be theta: an in-place update). Not
+            differentiable: raises if autograd would need to record the step.
 
     Returns:
-        [T, P] contiguous updated fast weights, differentiable in theta, grad, lr and theta0 to any order.
+        [T, P] contiguous updated fast weights (``out`` when given), differentiable in theta, grad, lr and
+        theta0 to any order.
     """
     if not isinstance(lr, torch.Tensor):
         lr = torch.tensor(float(lr), dtype=theta.dtype, device=theta.device)
+    if out is not None:
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (theta, grad, lr, theta0, out)
+        ):
+            raise ValueError(
+                "metakernels.inner_step: out= is not differentiable; call it under torch.no_grad() or on "
+                "tensors that do not require grad"
+            )
+        _INNER_STEP_OUT(theta, grad, lr, segment_offsets, theta0, float(prox), float(weight_decay), out)
+        return out
     return _INNER_STEP(theta, grad, lr, segment_offsets, theta0, float(prox), float(weight_decay))
 
 
 @torch.library.register_fake("metakernels::inner_step")
 def _inner_step_fake(theta, grad, lr, segment_offsets=None, theta0=None, prox=0.0, weight_decay=0.0):
     return theta.new_empty(theta.shape)  # kernels return a contiguous tensor whatever theta's strides
+
+
+@torch.library.register_fake("metakernels::inner_step_out")
+def _inner_step_out_fake(theta, grad, lr, segment_offsets, theta0, prox, weight_decay, out):
+    return None
 
 
 @torch.library.register_fake("metakernels::inner_step_backward")

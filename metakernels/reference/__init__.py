@@ -4,7 +4,7 @@ They are the test oracle, the CPU kernels when the C++ extension is absent, and 
 Each is differentiable by plain autograd, so they also check the ops' hand-written gradients.
 """
 
-from .inner_step import inner_step, inner_step_backward
+from .inner_step import inner_step, inner_step_backward, inner_step_out
 from .reptile_update import reptile_update
 
-__all__ = ["inner_step", "inner_step_backward", "reptile_update"]
+__all__ = ["inner_step", "inner_step_backward", "inner_step_out", "reptile_update"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_inner_step_args, check_inner_step_backward_args
+from .._validation import check_inner_step_args, check_inner_step_backward_args, check_inner_step_out
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,6 +67,20 @@ def inner_step(
     rate = expand_rate(r, segment_offsets, theta.shape[1])
     out = th - rate * update_direction(th, g, t0, prox, weight_decay)
     return out.to(dtype).contiguous()
+
+
+def inner_step_out(
+    theta: torch.Tensor,
+    grad: torch.Tensor,
+    lr: torch.Tensor,
+    segment_offsets: torch.Tensor | None,
+    theta0: torch.Tensor | None,
+    prox: float,
+    weight_decay: float,
+    out: torch.Tensor,
+) -> None:
+    check_inner_step_out(theta, out)
+    out.copy_(inner_step(theta, grad, lr, segment_offsets, theta0, prox, weight_decay))
 
 
 def inner_step_backward(

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import check_inner_step_args, check_inner_step_backward_args
+from .._validation import check_inner_step_args, check_inner_step_backward_args, check_inner_step_out
 from ..reference.inner_step import segment_ids
 
 BLOCK = 1024
@@ -102,17 +102,26 @@ def _rate_and_theta0(theta, lr, segment_offsets, theta0, mode):
 
 
 def inner_step(theta, grad, lr, segment_offsets=None, theta0=None, prox=0.0, weight_decay=0.0):
+    out = torch.empty(theta.shape, dtype=theta.dtype, device=theta.device)
+    _launch_forward(theta, grad, lr, segment_offsets, theta0, prox, weight_decay, out)
+    return out
+
+
+def inner_step_out(theta, grad, lr, segment_offsets, theta0, prox, weight_decay, out):
+    check_inner_step_out(theta, out)
+    _launch_forward(theta, grad, lr, segment_offsets, theta0, prox, weight_decay, out)
+
+
+def _launch_forward(theta, grad, lr, segment_offsets, theta0, prox, weight_decay, out):
     mode = check_inner_step_args(theta, grad, lr, segment_offsets, theta0, prox, weight_decay)
     theta, grad = theta.contiguous(), grad.contiguous()
     rate, theta0_arg, theta0_mode = _rate_and_theta0(theta, lr, segment_offsets, theta0, mode)
-    out = torch.empty_like(theta)
     num_tasks, num_params = theta.shape
     grid = (num_tasks, triton.cdiv(num_params, BLOCK))
     _inner_step_forward_kernel[grid](
         theta, grad, theta0_arg, rate, out, num_params, float(prox), float(weight_decay),
         THETA0_MODE=theta0_mode, PER_COLUMN_RATE=mode != "scalar", BLOCK_SIZE=BLOCK,
     )
-    return out
 
 
 def inner_step_backward(grad_out, theta, grad, lr, segment_offsets, theta0, prox, weight_decay, output_mask):
