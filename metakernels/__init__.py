@@ -6,12 +6,24 @@ Import torch before the compiled extension so one OpenMP runtime (torch's libgom
 import torch  # noqa: F401  (must precede metakernels._C)
 
 from ._backend import cpu_backend, extension_available, extension_error
+from .functional import ParameterLayout, TaskParams, task_batched_call
+from .learners import ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, MultiTaskBaseline, Reptile
 from .ops import inner_step, reptile_meta_gradient, reptile_update
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "ANIL",
+    "FOMAML",
+    "MAML",
+    "MAMLPlusPlus",
+    "MetaSGD",
+    "MultiTaskBaseline",
+    "ParameterLayout",
+    "Reptile",
+    "TaskParams",
+    "task_batched_call",
     "cpu_backend",
     "extension_available",
     "extension_error",

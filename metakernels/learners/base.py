@@ -1,0 +1,229 @@
+"""GradientLearner: the shared machinery of the MAML family.
+
+All tasks adapt together: their fast weights are one [T, P] tensor (TaskParams), the model runs
+task-batched, and each inner step of every task and every layer is one fused `inner_step` call. The
+subclasses only say which parameters adapt, at which rate, and how the outer loss is formed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+from ..functional.batched_call import task_batched_call
+from ..functional.task_params import ParameterLayout, TaskParams
+from ..ops.inner_step import inner_step
+from ._inputs import check_episode, check_pair
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Rate = tuple[torch.Tensor | float, torch.Tensor | None]  # (lr, segment_offsets)
+
+NONFINITE_MODES = ("raise", "skip")
+
+
+def per_task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[T] losses, loss_fn applied to each task's [N, ...] predictions and targets.
+
+    vmap when loss_fn supports it (one batched call), a loop over tasks otherwise.
+    """
+    try:
+        losses = vmap(loss_fn)(pred, target)
+    except Exception:  # a loss vmap cannot batch (data-dependent control flow, .item(), ...)
+        losses = torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])
+    if losses.shape != pred.shape[:1]:
+        raise ValueError(
+            f"metakernels: loss_fn must return one scalar per task (reduction 'mean' or 'sum'), got shape "
+            f"{list(losses.shape[1:])} per task"
+        )
+    return losses
+
+
+class _FiniteTracker:
+    """Per-task finiteness of every inner loss, inner gradient and query loss, checked with one host sync."""
+
+    def __init__(self) -> None:
+        self.flags: list[tuple[str, torch.Tensor]] = []
+
+    def record(self, what: str, values: torch.Tensor) -> None:
+        finite = torch.isfinite(values.detach())
+        self.flags.append((what, finite.reshape(finite.shape[0], -1).all(1)))
+
+    def good_tasks(self) -> torch.Tensor:
+        return torch.stack([f for _, f in self.flags]).all(0)
+
+    def describe(self, good: torch.Tensor) -> str:
+        bad = (~good).nonzero().flatten().tolist()
+        for what, flags in self.flags:
+            first = (~flags).nonzero().flatten().tolist()
+            if first:
+                return f"tasks {bad} produced NaN/inf (first seen in the {what} of tasks {first})"
+        return f"tasks {bad} produced NaN/inf"
+
+
+class GradientLearner(nn.Module):
+    """Base of the MAML-family learners.
+
+    Args:
+        model: the network; every parameter that requires grad is meta-learned; those selected by
+            ``adapt_filter`` (default: all of them) are also adapted per task in the inner loop.
+        inner_steps: number of inner gradient steps k (0: no adaptation, the multi-task baseline).
+        loss_fn: loss(pred [N, ...], target [N, ...]) -> scalar, applied to each task separately.
+        first_order: drop the second-order terms (FOMAML): inner gradients are treated as constants.
+        weight_decay: L2 coefficient inside each inner step.
+        nonfinite: "raise" (default) raises on a NaN/inf loss or gradient of any task; "skip" drops such
+            tasks from the meta-batch (with a warning) and averages over the rest.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_steps: int,
+        loss_fn: LossFn,
+        first_order: bool = False,
+        weight_decay: float = 0.0,
+        nonfinite: str = "raise",
+        adapt_filter: Callable[[str, nn.Parameter], bool] | None = None,
+    ):
+        super().__init__()
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"{type(self).__name__}: inner_steps must be an integer >= 0, got {inner_steps!r}")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"{type(self).__name__}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"{type(self).__name__}: loss_fn must be callable")
+        self.model = model
+        self.inner_steps = inner_steps
+        self.loss_fn = loss_fn
+        self.first_order = first_order
+        self.weight_decay = float(weight_decay)
+        self.nonfinite = nonfinite
+        self.layout = ParameterLayout.from_module(model, adapt_filter)
+        self._who = f"metakernels.{type(self).__name__}"
+
+    # --- what subclasses choose -------------------------------------------------------------------
+
+    def inner_rate(self, step: int) -> Rate:
+        """The learning rate of inner step ``step``: (lr, segment_offsets) as inner_step takes them."""
+        raise NotImplementedError
+
+    def step_loss_weights(self) -> list[float] | None:
+        """Weights of the query loss after each inner step (MAML++'s multi-step loss); None: final only."""
+        return None
+
+    def prepare_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Work done once per input batch, outside the inner loop (ANIL computes its features here)."""
+        return x
+
+    def forward_tasks(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outputs [T, N, ...] of every task on prepared inputs x with fast weights flat [T, P]."""
+        return task_batched_call(self.model, self.layout.views(flat), x)
+
+    # --- the inner loop -----------------------------------------------------------------------------
+
+    def _reference_param(self) -> torch.Tensor:
+        return self.layout.parameters(self.model)[0]
+
+    def _adapt(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int,
+        create_graph: bool,
+        tracker: _FiniteTracker | None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        flat = TaskParams.from_module(self.model, x.shape[0], self.layout).flat
+        record_update = torch.is_grad_enabled()
+        for step in range(steps):
+            with torch.enable_grad():
+                if not flat.requires_grad:  # evaluation under no_grad, or a model with frozen weights
+                    flat = flat.detach().requires_grad_()
+                losses = per_task_losses(self.loss_fn, self.forward_tasks(flat, x), y)
+                (grad,) = torch.autograd.grad(losses.sum(), flat, create_graph=create_graph)
+            if tracker is not None:
+                tracker.record(f"inner loss at step {step}", losses)
+                tracker.record(f"inner gradient at step {step}", grad)
+            lr, offsets = self.inner_rate(step)
+            with torch.set_grad_enabled(record_update):
+                flat = inner_step(flat, grad, lr, segment_offsets=offsets, weight_decay=self.weight_decay)
+            if on_step is not None:
+                on_step(step, flat)
+        return flat
+
+    def adapt(self, xs: torch.Tensor, ys: torch.Tensor, steps: int | None = None) -> TaskParams:
+        """Adapts every task to its support set.
+
+        Args:
+            xs: [T, N, ...] support inputs; ys: [T, N, ...] support targets.
+            steps: inner steps (default: the learner's inner_steps).
+
+        Returns:
+            TaskParams with [T, P] fast weights, differentiable in the meta-parameters when grad is enabled
+            (second order unless first_order).
+        """
+        check_pair(self._who, xs, ys, self._reference_param())
+        steps = self.inner_steps if steps is None else steps
+        create_graph = torch.is_grad_enabled() and not self.first_order
+        flat = self._adapt(self.prepare_inputs(xs), ys, steps, create_graph, None)
+        return TaskParams(flat, self.layout)
+
+    def predict(self, fast: TaskParams, xq: torch.Tensor) -> torch.Tensor:
+        """Query outputs [T, N, ...] of the adapted tasks."""
+        if xq.shape[0] != fast.num_tasks:
+            raise ValueError(f"{self._who}: xq has {xq.shape[0]} tasks but the fast weights have {fast.num_tasks}")
+        return self.forward_tasks(fast.flat, self.prepare_inputs(xq))
+
+    # --- the outer loss -------------------------------------------------------------------------------
+
+    def meta_loss(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+        """(1/T) sum_t loss_fn(f(phi_t, xq_t), yq_t), phi_t adapted on (xs_t, ys_t).
+
+        ``loss.backward()`` accumulates the exact meta-gradient into the model's parameters (and any
+        learned inner rates).
+        """
+        check_episode(self._who, xs, ys, xq, yq, self._reference_param())
+        tracker = _FiniteTracker()
+        loss = self._meta_loss(xs, ys, xq, yq, tracker)
+        good = tracker.good_tasks()
+        if bool(good.all()):
+            return loss
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{self._who}.meta_loss: {tracker.describe(good)}; pass nonfinite='skip' to drop such tasks"
+            )
+        if not bool(good.any()):
+            raise FloatingPointError(f"{self._who}.meta_loss: every task produced NaN/inf; nothing to learn from")
+        warnings.warn(f"{self._who}.meta_loss: skipping {tracker.describe(good)}", RuntimeWarning, stacklevel=2)
+        keep = good.nonzero().flatten()
+        return self._meta_loss(xs[keep], ys[keep], xq[keep], yq[keep], None)
+
+    def _meta_loss(self, xs, ys, xq, yq, tracker: _FiniteTracker | None) -> torch.Tensor:
+        create_graph = torch.is_grad_enabled() and not self.first_order
+        xs_in, xq_in = self.prepare_inputs(xs), self.prepare_inputs(xq)
+        weights = self.step_loss_weights()
+        step_losses: list[torch.Tensor] = []
+
+        def query_loss(flat: torch.Tensor, what: str) -> torch.Tensor:
+            losses = per_task_losses(self.loss_fn, self.forward_tasks(flat, xq_in), yq)
+            if tracker is not None:
+                tracker.record(what, losses)
+            return losses.mean()
+
+        on_step = None
+        if weights is not None and self.inner_steps > 0:
+
+            def on_step(step: int, flat: torch.Tensor) -> None:
+                step_losses.append(query_loss(flat, f"query loss after step {step}"))
+
+        flat = self._adapt(xs_in, ys, self.inner_steps, create_graph, tracker, on_step)
+        if step_losses:
+            return sum(w * loss for w, loss in zip(weights, step_losses))
+        return query_loss(flat, "query loss")
+
+    def extra_repr(self) -> str:
+        return f"inner_steps={self.inner_steps}, first_order={self.first_order}, adapted={self.layout}"
