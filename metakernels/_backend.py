@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 
 from . import ops
-from .ops import inner_step as _inner_step_op
+from .ops.inner_step import register_python_autograd as _register_inner_step_python_autograd
 
 _BACKENDS = ("cpp", "reference", "triton")
 
@@ -134,7 +134,7 @@ def _initialise() -> None:
         _extension.register_autograd_kernels()
     else:
         _python_autograd = torch.library.Library("metakernels", "IMPL")
-        _inner_step_op.register_python_autograd(_python_autograd)
+        _register_inner_step_python_autograd(_python_autograd)
     _register_cuda_kernels()
     if os.environ.get("METAKERNELS_TRITON_ON_CPU", "0") == "1":
         set_cpu_backend("triton")
