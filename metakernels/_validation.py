@@ -65,10 +65,14 @@ def check_inner_step_args(
     check_finite_scalar(op, "weight_decay", weight_decay)
     num_params = theta.shape[1]
     if segment_offsets is not None:
-        if segment_offsets.dim() != 1 or segment_offsets.dtype != torch.int64:
+        if segment_offsets.dtype != torch.int64:
+            raise TypeError(
+                f"metakernels.inner_step: segment_offsets must be an int64 tensor, got dtype {segment_offsets.dtype}"
+            )
+        if segment_offsets.dim() != 1:
             raise ValueError(
-                "metakernels.inner_step: segment_offsets must be a 1-D int64 tensor [S + 1], got shape "
-                f"{shape_str(segment_offsets)} and dtype {segment_offsets.dtype}"
+                "metakernels.inner_step: segment_offsets must be a 1-D tensor [S + 1], got shape "
+                f"{shape_str(segment_offsets)}"
             )
         if segment_offsets.device != theta.device:
             raise ValueError(

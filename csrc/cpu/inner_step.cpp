@@ -33,9 +33,10 @@ CheckedLr check_inner_step_args(const at::Tensor& theta, const at::Tensor& grad,
   CheckedLr out{kernels::LrMode::kScalar, at::Tensor()};
   if (segment_offsets.has_value()) {
     const at::Tensor& off = *segment_offsets;
-    TORCH_CHECK_VALUE(off.dim() == 1 && off.scalar_type() == at::kLong,
-                      "metakernels.inner_step: segment_offsets must be a 1-D int64 tensor [S + 1], got shape ",
-                      shape_str(off), " and dtype ", off.scalar_type());
+    TORCH_CHECK_TYPE(off.scalar_type() == at::kLong,
+                     "metakernels.inner_step: segment_offsets must be an int64 tensor, got dtype ", off.scalar_type());
+    TORCH_CHECK_VALUE(off.dim() == 1, "metakernels.inner_step: segment_offsets must be a 1-D tensor [S + 1], got shape ",
+                      shape_str(off));
     TORCH_CHECK_VALUE(off.device() == theta.device(), "metakernels.inner_step: segment_offsets is on ", off.device(),
                       " but theta is on ", theta.device());
     TORCH_CHECK_VALUE(lr.dim() == 1 && off.numel() == lr.numel() + 1,

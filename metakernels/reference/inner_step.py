@@ -102,16 +102,21 @@ def inner_step_backward(
     go, th, g, r = grad_out.to(math), theta.to(math), grad.to(math), lr.to(math)
     t0 = None if theta0 is None else theta0.to(math)
     rate = expand_rate(r, segment_offsets, theta.shape[1])
-    empty = theta.new_empty(0)
-    d_theta = (go * (1 - rate * (prox + weight_decay))).to(dtype).contiguous() if output_mask[0] else empty
-    d_grad = (-rate * go).to(dtype).contiguous() if output_mask[1] else empty
+
+    def empty() -> torch.Tensor:
+        # A fresh [0] tensor per masked output: outputs of one op call must not alias each other (the schema
+        # promises four distinct tensors; opcheck's schema test checks it).
+        return theta.new_empty(0)
+
+    d_theta = (go * (1 - rate * (prox + weight_decay))).to(dtype).contiguous() if output_mask[0] else empty()
+    d_grad = (-rate * go).to(dtype).contiguous() if output_mask[1] else empty()
     if output_mask[2]:
         d_lr = (-reduce_to_rate(go * update_direction(th, g, t0, prox, weight_decay), r, segment_offsets)).to(dtype)
     else:
-        d_lr = empty
+        d_lr = empty()
     if output_mask[3] and t0 is not None:
         d_t0 = prox * rate * go
         d_theta0 = (d_t0.sum(0) if t0.dim() == 1 else d_t0).to(dtype).contiguous()
     else:
-        d_theta0 = empty
+        d_theta0 = empty()
     return d_theta, d_grad, d_lr, d_theta0

@@ -3,6 +3,10 @@
 Segmented rates are expanded to one rate per column by the launcher ([P], negligible next to [T, P]),
 so the kernels know two rate modes: one scalar read from device memory (no host sync) or per column.
 All arithmetic is in float32 (float64 for float64 inputs); bf16/half are upcast on load.
+
+prox and weight_decay are declared float64 and rounded once to the working type inside the kernels, as the
+C++ kernels do: an unannotated Python float is an fp32 kernel argument (and the interpreter folds the sum of
+two of them in fp32), which cost float64 inputs ~1e-9 relative accuracy (a 0.1 decay rounds by 1.5e-9).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ THETA0_NONE, THETA0_SHARED, THETA0_PER_TASK = 0, 1, 2
 
 @triton.jit
 def _inner_step_forward_kernel(
-    theta_ptr, grad_ptr, theta0_ptr, rate_ptr, out_ptr, num_params, prox, weight_decay,
+    theta_ptr, grad_ptr, theta0_ptr, rate_ptr, out_ptr, num_params, prox_arg: tl.float64, weight_decay_arg: tl.float64,
     THETA0_MODE: tl.constexpr, PER_COLUMN_RATE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     task = tl.program_id(0)
@@ -31,6 +35,8 @@ def _inner_step_forward_kernel(
     th = tl.load(theta_ptr + at, mask=mask, other=0.0)
     acc_type = tl.float64 if th.dtype == tl.float64 else tl.float32
     th = th.to(acc_type)
+    prox = tl.full([], prox_arg, tl.float64).to(acc_type)
+    weight_decay = tl.full([], weight_decay_arg, tl.float64).to(acc_type)
     u = tl.load(grad_ptr + at, mask=mask, other=0.0).to(acc_type) + weight_decay * th
     if THETA0_MODE == 1:
         u += prox * (th - tl.load(theta0_ptr + cols, mask=mask, other=0.0).to(acc_type))
@@ -47,7 +53,7 @@ def _inner_step_forward_kernel(
 def _inner_step_backward_kernel(
     grad_out_ptr, theta_ptr, grad_ptr, theta0_ptr, rate_ptr,
     d_theta_ptr, d_grad_ptr, d_rate_col_ptr, d_theta0_ptr,
-    num_tasks, num_params, prox, weight_decay,
+    num_tasks, num_params, prox_arg: tl.float64, weight_decay_arg: tl.float64,
     THETA0_MODE: tl.constexpr, PER_COLUMN_RATE: tl.constexpr,
     WANT_THETA: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_RATE: tl.constexpr, WANT_THETA0: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -58,6 +64,8 @@ def _inner_step_backward_kernel(
     mask = cols < num_params
     probe = tl.load(theta_ptr + cols, mask=mask, other=0.0)
     acc_type = tl.float64 if probe.dtype == tl.float64 else tl.float32
+    prox = tl.full([], prox_arg, tl.float64).to(acc_type)
+    weight_decay = tl.full([], weight_decay_arg, tl.float64).to(acc_type)
     if PER_COLUMN_RATE:
         rate = tl.load(rate_ptr + cols, mask=mask, other=0.0).to(acc_type)
     else:
@@ -131,12 +139,15 @@ def inner_step_backward(grad_out, theta, grad, lr, segment_offsets, theta0, prox
     rate, theta0_arg, theta0_mode = _rate_and_theta0(theta, lr, segment_offsets, theta0, mode)
     want_theta, want_grad, want_rate = bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2])
     want_theta0 = bool(output_mask[3]) and theta0 is not None
-    empty = theta.new_empty(0)
-    d_theta = torch.empty_like(theta) if want_theta else empty
-    d_grad = torch.empty_like(theta) if want_grad else empty
+
+    def empty() -> torch.Tensor:  # one per masked output: the op's outputs must not alias each other
+        return theta.new_empty(0)
+
+    d_theta = torch.empty_like(theta) if want_theta else empty()
+    d_grad = torch.empty_like(theta) if want_grad else empty()
     acc_dtype = torch.float64 if theta.dtype == torch.float64 else torch.float32
-    d_rate_col = torch.empty(theta.shape[1], dtype=acc_dtype, device=theta.device) if want_rate else empty
-    d_theta0 = torch.empty_like(theta0_arg) if want_theta0 else empty
+    d_rate_col = torch.empty(theta.shape[1], dtype=acc_dtype, device=theta.device) if want_rate else empty()
+    d_theta0 = torch.empty_like(theta0_arg) if want_theta0 else empty()
     num_tasks, num_params = theta.shape
     _inner_step_backward_kernel[(triton.cdiv(num_params, BLOCK),)](
         grad_out, theta, grad, theta0_arg, rate, d_theta if want_theta else theta, d_grad if want_grad else theta,
@@ -155,5 +166,5 @@ def inner_step_backward(grad_out, theta, grad, lr, segment_offsets, theta0, prox
             d_lr = torch.zeros(lr.shape, dtype=acc_dtype, device=theta.device).index_add_(0, ids, d_rate_col)
             d_lr = d_lr.to(theta.dtype)
     else:
-        d_lr = empty
+        d_lr = empty()
     return d_theta, d_grad, d_lr, d_theta0
