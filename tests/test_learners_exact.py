@@ -282,3 +282,16 @@ def test_state_dict_and_outer_optimizer_learn_rates():
     clone = mk.MAMLPlusPlus(make_mlp(dtype=torch.float32, seed=5), inner_lr=0.5, inner_steps=2)
     clone.load_state_dict(state)
     assert clone.epoch == 7 and torch.equal(clone.inner_lrs, learner.inner_lrs)
+
+
+def test_maml_plus_plus_adapts_beyond_trained_steps_with_last_rates():
+    model = make_mlp()
+    xs, ys, _, _ = sinusoid_batch()
+    learner = mk.MAMLPlusPlus(model, inner_lr=0.05, inner_steps=2)
+    with torch.no_grad():
+        learner.inner_lrs.copy_(torch.tensor([[0.01] * 6, [0.03] * 6], dtype=torch.float64))
+        fast = learner.adapt(xs, ys, steps=4)
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    rates = [0.01, 0.03, 0.03, 0.03]
+    expected = naive_adapt(mlp_functional, params, xs[0], ys[0], F.mse_loss, lambda s, i: rates[s], 4, True)[-1]
+    torch.testing.assert_close(fast.flat[0], torch.cat([w.detach().reshape(-1) for w in expected]), **TOL)

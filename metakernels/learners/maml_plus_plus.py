@@ -38,6 +38,7 @@ class MAMLPlusPlus(GradientLearner):
     Args:
         inner_lr: initial value of every rate.
         inner_steps: k; the rates are the parameter ``inner_lrs`` of shape [k, S], S = adapted tensors.
+            ``adapt(..., steps=m)`` with m > k reuses the last row of rates for the steps beyond k.
         multi_step_loss: use the multi-step loss (anneal with ``set_epoch``); False: final-step loss only.
         annealing_epochs: epochs over which the multi-step weights anneal to the final step.
         Others: see MAML / GradientLearner.
@@ -74,7 +75,10 @@ class MAMLPlusPlus(GradientLearner):
         self.epoch = int(state["epoch"])
 
     def inner_rate(self, step: int) -> Rate:
-        return self.inner_lrs[step], self.layout.segment_offsets(self.inner_lrs.device)
+        # Adapting for more steps than were meta-trained (e.g. evaluating a 1-step model after 10 steps)
+        # reuses the last learned step's rates: there is no learned rate for those steps.
+        row = min(step, self.inner_lrs.shape[0] - 1)
+        return self.inner_lrs[row], self.layout.segment_offsets(self.inner_lrs.device)
 
     def step_loss_weights(self) -> list[float] | None:
         if not self.multi_step_loss or not self.training:
