@@ -221,6 +221,13 @@ def roofline(machine: dict, working_set_bytes: float, pattern: str) -> tuple[str
     return f"{level}.{pattern}", machine[level][pattern]["gbps"], where
 
 
+def best_bandwidth(machine: dict, working_set_bytes: float) -> float:
+    """The highest bandwidth any pattern reached at this level (in practice the in-place triad, the one
+    with no hidden RFO traffic): the stricter bound, that credits a kernel nothing for its store pattern."""
+    level = "cache" if regime(working_set_bytes) == "cache" else "dram"
+    return max(v["gbps"] for v in machine[level].values())
+
+
 def format_machine(m: dict) -> str:
     info = m["info"]
     lines = [

@@ -257,6 +257,7 @@ def _forward_rows(machine: dict, n: int, mode: str, quick: bool) -> list[dict]:
                 "bound": bound,
                 "bound_gbps": bound_gbps,
                 "pct_roofline": 100 * gbps / bound_gbps,
+                "pct_best_bandwidth": 100 * gbps / M.best_bandwidth(machine, ws),
             }
         )
         gc.collect()
@@ -332,6 +333,7 @@ def _backward_row(machine: dict, name: str, mode: str, mask: list[bool], n: int,
         "bound": bound,
         "bound_gbps": bound_gbps,
         "pct_roofline": 100 * gbps / bound_gbps,
+        "pct_best_bandwidth": 100 * gbps / M.best_bandwidth(machine, ws),
         "fault_ms": fault_s * 1e3,
         "gbps_excl_faults": ws / max(t["median_s"] - fault_s, 1e-9) / 1e9,
         "reference_us": t_ref["median_s"] * 1e6,
@@ -358,17 +360,20 @@ def print_tables(rows: list[dict]) -> None:
             print(f"{name:52}" + "".join(cells))
     fwd = [r for r in rows if r["section"] == "forward"]
     if fwd:
-        print("\n== forward bandwidth (T = 4): GB/s, % of roofline, speedup = reference time / this time ==")
+        print(
+            "\n== forward bandwidth (T = 4): GB/s; % of the pattern's roofline and of the best bandwidth measured at "
+            "that level; speedup = reference time / this time =="
+        )
         print(
             f"{'mode':15}{'N':>6}{'WS':>10}{'regime':>9} {'variant':21}{'time us':>11}{'GB/s':>7}"
-            f"{'bound GB/s':>26}{'%roof':>7}{'vs ref':>8}"
+            f"{'bound GB/s':>26}{'%roof':>7}{'%best':>7}{'vs ref':>8}"
         )
         for r in fwd:
             bound = f"{r['bound']} {r['bound_gbps']:.1f}"
             print(
                 f"{r['mode']:15}{M.fmt_n(r['N']):>6}{M.fmt_bytes(r['ws_bytes']):>10}{r['regime']:>9} "
                 f"{r['variant']:21}{r['t_median_us']:>11.1f}{r['gbps']:>7.1f}{bound:>26}"
-                f"{r['pct_roofline']:>6.0f}%{r['speedup_vs_reference']:>7.1f}x"
+                f"{r['pct_roofline']:>6.0f}%{r['pct_best_bandwidth']:>6.0f}%{r['speedup_vs_reference']:>7.1f}x"
             )
     bwd = [r for r in rows if r["section"] == "backward"]
     if bwd:
@@ -402,8 +407,17 @@ def summarise(rows: list[dict]) -> dict:
         "dram_target_fraction": TARGET_DRAM_FRACTION,
     }
     for key, sel in (("dram_out_buf", dram), ("dram_in_place", dram_inplace)):
-        out[key] = {f"{r['mode']}, N={r['N']}": round(r["pct_roofline"], 1) for r in sel}
+        out[key] = {
+            f"{r['mode']}, N={r['N']}": {
+                "pct_roofline": round(r["pct_roofline"], 1),
+                "pct_best_bandwidth": round(r["pct_best_bandwidth"], 1),
+            }
+            for r in sel
+        }
         out[key + "_met"] = all(r["pct_roofline"] >= 100 * TARGET_DRAM_FRACTION for r in sel) if sel else None
+        out[key + "_met_vs_best"] = (
+            all(r["pct_best_bandwidth"] >= 100 * TARGET_DRAM_FRACTION for r in sel) if sel else None
+        )
     return out
 
 
@@ -435,12 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     if quick:
         lat_sizes, lat_modes = [8, 1_000, 10_000], ["scalar"]
         fwd_sizes = [1_000, 10_000, 100_000, 1_000_000, 4_000_000, 10_000_000, 100_000_000]
-        fwd_modes = {
-            "scalar": fwd_sizes,
-            "per_coordinate": [1_000_000, 100_000_000],
-            "segmented": [10_000, 100_000_000],
-            "prox": [1_000_000, 100_000_000],
-        }
+        fwd_modes = {"scalar": fwd_sizes, "per_coordinate": [1_000_000], "segmented": [10_000], "prox": [1_000_000]}
         bwd_sizes = [10_000, 1_000_000, 100_000_000]
     else:
         lat_sizes, lat_modes = [8, 100, 1_000, 10_000], ["scalar", "segmented", "prox"]

@@ -85,6 +85,7 @@ def _rows(machine: dict, T: int, n: int, quick: bool) -> list[dict]:
                 "bound": bound,
                 "bound_gbps": bound_gbps,
                 "pct_roofline": 100 * gbps / bound_gbps,
+                "pct_best_bandwidth": 100 * gbps / M.best_bandwidth(machine, ws),
                 "pct_dram_triad": 100 * gbps / machine["dram"]["triad"]["gbps"],
             }
         )
