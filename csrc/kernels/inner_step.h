@@ -12,7 +12,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "parallel.h"
 
@@ -86,26 +91,89 @@ inline void inner_step_span(const T* theta, const T* grad, const T* theta0, cons
   }
 }
 
+// Outputs of at least this many bytes that alias no input are written with streaming (non-temporal)
+// stores. An ordinary store first reads its destination line (write-allocate), so an out-of-place update
+// moves 4 bytes over the memory bus for the 3 it needs; a streaming store skips that read. Measured at
+// T*P = 1e8 float32 (1.2 GB, out= a separate buffer, 2 threads, dev VM): 18-21 GB/s with ordinary stores,
+// 29-31 GB/s streaming, as fast as the in-place update (30-32 GB/s), which has no write-allocate to save.
+// Smaller outputs can still be in the L3 (300 MiB here) when the next step reads them, which streaming
+// would give up; 64 MiB keeps the step's working set (3x the output) near or beyond the L3.
+constexpr int64_t kStreamingBytes = int64_t{64} << 20;
+// Elements computed into an L1 buffer, then streamed out. 256 floats ran at 28-29 GB/s where 1024 and 4096
+// ran at 25-27 and ~20 (same 1e8 case), the finer interleave of loads and streaming stores being faster.
+constexpr int64_t kStreamChunk = 256;
+
+// Copies n bytes from a cache-resident buffer to dst: streaming stores for the whole vectors of dst,
+// ordinary ones for a partial vector at either end. The caller issues stream_fence() before the data
+// is read by another thread.
+inline void stream_copy(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__)
+  constexpr size_t kVector = 64;
+#else
+  constexpr size_t kVector = 32;
+#endif
+  const size_t head = std::min(n, (kVector - reinterpret_cast<uintptr_t>(d) % kVector) % kVector);
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + kVector <= n; i += kVector) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+#endif
+  }
+  std::memcpy(d + i, s + i, n - i);
+#else
+  std::memcpy(d, s, n);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // theta, grad, out: [rows, cols] row-major contiguous. theta0: null, [cols] (shared) or [rows, cols].
+// out may be theta itself (an in-place update).
 template <typename T, typename A>
 void inner_step_forward(const T* theta, const T* grad, const T* theta0, bool theta0_per_task,
                         const LrSpec<T>& lr, A prox, A wd, T* out, int64_t rows, int64_t cols,
                         int num_threads) {
   const int nt = effective_threads(rows, cols, num_threads);
+  const bool streaming = rows * cols * int64_t{sizeof(T)} >= kStreamingBytes && out != theta &&
+                         out != grad && out != theta0;
   run_team(nt, [&](int tid, int team) {
     int64_t begin, end;
     column_range(cols, tid, team, &begin, &end);
+    alignas(64) T buffer[kStreamChunk];
     for (int64_t c0 = begin; c0 < end; c0 += kColumnTile) {
       const int64_t c1 = std::min(end, c0 + kColumnTile);
       for_each_rate_span<T, A>(lr, c0, c1, [&](int64_t p0, int64_t p1, const T* rates, A rate, int64_t) {
         for (int64_t t = 0; t < rows; ++t) {
           const int64_t row = t * cols;
           const T* t0 = theta0 == nullptr ? nullptr : theta0 + (theta0_per_task ? row : 0) + p0;
-          inner_step_span<T, A>(theta + row + p0, grad + row + p0, t0, rates, rate, prox, wd,
-                                out + row + p0, p1 - p0);
+          if (!streaming) {
+            inner_step_span<T, A>(theta + row + p0, grad + row + p0, t0, rates, rate, prox, wd,
+                                  out + row + p0, p1 - p0);
+            continue;
+          }
+          for (int64_t q = p0, n; q < p1; q += n) {
+            // Chunks end on a 64-byte boundary of out, so only a row span's two ends write partial lines.
+            const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out + row + q) % 64);
+            n = std::min(kStreamChunk - misaligned / int64_t{sizeof(T)}, p1 - q);
+            inner_step_span<T, A>(theta + row + q, grad + row + q, t0 == nullptr ? nullptr : t0 + (q - p0),
+                                  rates == nullptr ? nullptr : rates + (q - p0), rate, prox, wd, buffer, n);
+            stream_copy(out + row + q, buffer, static_cast<size_t>(n) * sizeof(T));
+          }
         }
       });
     }
+    if (streaming) stream_fence();
   });
 }
 
