@@ -90,7 +90,7 @@ def check_inner_step_args(
                 f"metakernels.inner_step: segment_offsets must start at 0 and end at P = {num_params}, "
                 f"got {offsets[0]} and {offsets[-1]}"
             )
-        for a, b in zip(offsets[:-1], offsets[1:]):
+        for a, b in zip(offsets[:-1], offsets[1:], strict=False):
             if a > b:
                 raise ValueError(f"metakernels.inner_step: segment_offsets must be non-decreasing, got {a} before {b}")
         mode = "segmented"

@@ -18,7 +18,7 @@ Functional = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
 def make_mlp(sizes=(1, 40, 40, 1), dtype=torch.float64, seed=0) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -69,9 +69,10 @@ def naive_adapt(
     history = []
     for step in range(steps):
         loss = loss_fn(fn(fast, x), y)
-        targets = [w for w, m in zip(fast, adapt_mask) if m]
+        targets = [w for w, m in zip(fast, adapt_mask, strict=False) if m]
         grads = iter(torch.autograd.grad(loss, targets, create_graph=not first_order))
-        fast = [w - lrs(step, i) * next(grads) if m else w for i, (w, m) in enumerate(zip(fast, adapt_mask))]
+        pairs = enumerate(zip(fast, adapt_mask, strict=True))
+        fast = [w - lrs(step, i) * next(grads) if m else w for i, (w, m) in pairs]
         history.append(fast)
     return history
 
@@ -84,8 +85,27 @@ def naive_meta_loss(
     for t in range(xs.shape[0]):
         history = naive_adapt(fn, params, xs[t], ys[t], loss_fn, lrs, steps, first_order, adapt_mask)
         if step_weights is not None:
-            total = total + sum(w * loss_fn(fn(f, xq[t]), yq[t]) for w, f in zip(step_weights, history))
+            total = total + sum(w * loss_fn(fn(f, xq[t]), yq[t]) for w, f in zip(step_weights, history, strict=False))
         else:
             final = history[-1] if history else params
             total = total + loss_fn(fn(final, xq[t]), yq[t])
     return total / xs.shape[0]
+
+
+def sinusoid_batch(num_tasks=4, shots=5, seed=1, dtype=torch.float64):
+    """A meta-batch of the MAML paper's sinusoid tasks: (xs, ys, xq, yq), each [T, shots, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    amp = torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype) * 4.9 + 0.1
+    phase = torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype) * torch.pi
+    x = torch.rand(num_tasks, 2 * shots, 1, generator=g, dtype=dtype) * 10 - 5
+    y = amp * torch.sin(x - phase)
+    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+
+
+def image_batch(num_tasks=3, ways=3, shots=2, seed=2, dtype=torch.float64):
+    """A meta-batch of random 1x8x8 images with class labels, for the conv net."""
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(num_tasks, ways * shots, 1, 8, 8, generator=g, dtype=dtype)
+    xq = torch.randn(num_tasks, ways * shots, 1, 8, 8, generator=g, dtype=dtype)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(num_tasks, -1).clone()
+    return xs, ys, xq, ys.clone()

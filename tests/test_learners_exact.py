@@ -5,11 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BACKENDS
+from naive_meta import (
+    convnet_functional,
+    image_batch,
+    make_convnet,
+    make_mlp,
+    mlp_functional,
+    naive_adapt,
+    naive_meta_loss,
+    sinusoid_batch,
+)
 
 import metakernels as mk
-from conftest import BACKENDS
 from metakernels import _backend
-from naive_meta import convnet_functional, make_convnet, make_mlp, mlp_functional, naive_adapt, naive_meta_loss
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -18,41 +27,23 @@ TOL = dict(rtol=1e-9, atol=1e-9)
 LEARNER_BACKENDS = [b for b in BACKENDS if b != "triton"]
 
 
-@pytest.fixture(params=LEARNER_BACKENDS)
-def backend(request):
+def _serve_from(name: str):
     previous = _backend.cpu_backend()
-    _backend.set_cpu_backend(request.param)
+    _backend.set_cpu_backend(name)
     try:
-        yield request.param
+        yield name
     finally:
         _backend.set_cpu_backend(previous)
+
+
+@pytest.fixture(params=LEARNER_BACKENDS)
+def backend(request):
+    yield from _serve_from(request.param)
 
 
 @pytest.fixture(params=BACKENDS)
 def any_backend(request):
-    previous = _backend.cpu_backend()
-    _backend.set_cpu_backend(request.param)
-    try:
-        yield request.param
-    finally:
-        _backend.set_cpu_backend(previous)
-
-
-def sinusoid_batch(num_tasks=4, shots=5, seed=1, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    amp = torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype) * 4.9 + 0.1
-    phase = torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype) * torch.pi
-    x = torch.rand(num_tasks, 2 * shots, 1, generator=g, dtype=dtype) * 10 - 5
-    y = amp * torch.sin(x - phase)
-    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
-
-
-def image_batch(num_tasks=3, ways=3, shots=2, seed=2, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(num_tasks, ways * shots, 1, 8, 8, generator=g, dtype=dtype)
-    xq = torch.randn(num_tasks, ways * shots, 1, 8, 8, generator=g, dtype=dtype)
-    ys = torch.arange(ways).repeat_interleave(shots).expand(num_tasks, -1).clone()
-    return xs, ys, xq, ys.clone()
+    yield from _serve_from(request.param)
 
 
 def meta_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -61,7 +52,7 @@ def meta_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Ten
 
 def assert_grads_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
     assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         a = torch.zeros_like(b) if a is None else a
         b = torch.zeros_like(a) if b is None else b
         torch.testing.assert_close(a, b, **TOL)
@@ -95,7 +86,7 @@ def test_second_order_differs_from_first_order():
     xs, ys, xq, yq = sinusoid_batch()
     g = [meta_grads(mk.MAML(model, 0.1, 2, first_order=fo).meta_loss(xs, ys, xq, yq), list(model.parameters()))
          for fo in (False, True)]
-    assert max((a - b).abs().max().item() for a, b in zip(*g)) > 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(*g, strict=False)) > 1e-4
 
 
 def test_negative_inner_lr_and_multitask_baseline(backend):
@@ -214,7 +205,7 @@ def test_reptile_direction_and_steps(backend):
     assert_grads_close(meta_grads(loss, list(model.parameters())), direction)
     # Batched step: theta + eps * (mean phi - theta) == theta - eps * direction.
     learner.batched_step(xs, ys, epsilon=0.5)
-    for p, p0, d in zip(model.parameters(), params, direction):
+    for p, p0, d in zip(model.parameters(), params, direction, strict=False):
         torch.testing.assert_close(p.detach(), p0 - 0.5 * d, **TOL)
 
 
@@ -225,9 +216,9 @@ def test_serial_reptile_matches_naive(backend):
     for t in range(xs.shape[0]):
         leaf = [p.clone().requires_grad_() for p in theta]
         phi = naive_adapt(mlp_functional, leaf, xs[t], ys[t], F.mse_loss, lambda s, i: 0.02, 2, True)[-1]
-        theta = [p + 0.3 * (f.detach() - p) for p, f in zip(theta, phi)]
+        theta = [p + 0.3 * (f.detach() - p) for p, f in zip(theta, phi, strict=False)]
     mk.Reptile(model, inner_lr=0.02, inner_steps=2).serial_step(xs, ys, epsilon=0.3)
-    for p, expected in zip(model.parameters(), theta):
+    for p, expected in zip(model.parameters(), theta, strict=False):
         torch.testing.assert_close(p.detach(), expected, **TOL)
 
 
@@ -253,7 +244,7 @@ def test_batchnorm_running_stats_untouched_and_restored():
     xs, ys, xq, yq = image_batch()
     mk.MAML(model, 0.1, 2, loss_fn=F.cross_entropy).meta_loss(xs, ys, xq, yq).backward()
     assert bn.track_running_stats and bn.running_mean is not None
-    for a, b in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked)):
+    for a, b in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked), strict=False):
         assert torch.equal(a, b)
 
 

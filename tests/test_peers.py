@@ -25,7 +25,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from naive_meta import convnet_functional, make_convnet, make_mlp, mlp_functional, naive_meta_loss
+from naive_meta import (
+    convnet_functional,
+    image_batch,
+    make_convnet,
+    make_mlp,
+    mlp_functional,
+    naive_meta_loss,
+    sinusoid_batch,
+)
 from torch import nn
 from torch.func import functional_call
 
@@ -76,23 +84,6 @@ def torchopt():
 
 
 # --- problems ------------------------------------------------------------------------------------------
-def sinusoid_batch(num_tasks=4, shots=5, seed=1, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    amp = torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype) * 4.9 + 0.1
-    phase = torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype) * torch.pi
-    x = torch.rand(num_tasks, 2 * shots, 1, generator=g, dtype=dtype) * 10 - 5
-    y = amp * torch.sin(x - phase)
-    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
-
-
-def image_batch(num_tasks=3, ways=3, shots=2, seed=2, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(num_tasks, ways * shots, 1, 8, 8, generator=g, dtype=dtype)
-    xq = torch.randn(num_tasks, ways * shots, 1, 8, 8, generator=g, dtype=dtype)
-    ys = torch.arange(ways).repeat_interleave(shots).expand(num_tasks, -1).clone()
-    return xs, ys, xq, ys.clone()
-
-
 # net -> (model factory, functional twin for the naive oracle, batch, loss, inner lr)
 CASES = {
     "mlp": (make_mlp, mlp_functional, sinusoid_batch, F.mse_loss, 0.05),

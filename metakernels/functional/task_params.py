@@ -84,7 +84,7 @@ class ParameterLayout:
     @torch.no_grad()
     def write_to_module(self, module: nn.Module, flat: torch.Tensor) -> None:
         """Copies a [P] vector into the module's parameters in place."""
-        for spec, param in zip(self.specs, self.parameters(module)):
+        for spec, param in zip(self.specs, self.parameters(module), strict=False):
             param.copy_(flat[spec.offset : spec.offset + spec.numel].view(spec.shape))
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -61,5 +61,5 @@ class ANIL(MAML):
         if not self._split:
             return super().forward_tasks(flat, x)
         views = self.layout.views(flat)
-        head_params = {rel: views[s.name] for rel, s in zip(self._head_names, self.layout)}
+        head_params = {rel: views[s.name] for rel, s in zip(self._head_names, self.layout, strict=False)}
         return task_batched_call(self._head_module, head_params, x)

@@ -33,7 +33,7 @@ def per_task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -
     try:
         losses = vmap(loss_fn)(pred, target)
     except Exception:  # a loss vmap cannot batch (data-dependent control flow, .item(), ...)
-        losses = torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])
+        losses = torch.stack([loss_fn(p, t) for p, t in zip(pred, target, strict=False)])
     if losses.shape != pred.shape[:1]:
         raise ValueError(
             f"metakernels: loss_fn must return one scalar per task (reduction 'mean' or 'sum'), got shape "
@@ -222,7 +222,7 @@ class GradientLearner(nn.Module):
 
         flat = self._adapt(xs_in, ys, self.inner_steps, create_graph, tracker, on_step)
         if step_losses:
-            return sum(w * loss for w, loss in zip(weights, step_losses))
+            return sum(w * loss for w, loss in zip(weights, step_losses, strict=False))
         return query_loss(flat, "query loss")
 
     def extra_repr(self) -> str:

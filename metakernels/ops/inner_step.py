@@ -122,8 +122,10 @@ def _backward(ctx, grad_out):
     mask = [need[0] and not identity_theta, need[1], need[2], theta0 is not None and need[4]]
     d_theta = d_grad = d_lr = d_theta0 = None
     if any(mask):
-        outs = _INNER_STEP_BACKWARD(grad_out, theta, grad, lr, segment_offsets, theta0, ctx.prox, ctx.weight_decay, mask)
-        d_theta, d_grad, d_lr, d_theta0 = (o if m else None for o, m in zip(outs, mask))
+        outs = _INNER_STEP_BACKWARD(
+            grad_out, theta, grad, lr, segment_offsets, theta0, ctx.prox, ctx.weight_decay, mask
+        )
+        d_theta, d_grad, d_lr, d_theta0 = (o if m else None for o, m in zip(outs, mask, strict=False))
     if need[0] and identity_theta:
         d_theta = grad_out
     return d_theta, d_grad, d_lr, None, d_theta0, None, None
