@@ -37,6 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_cpu_kernels", &register_cpu_kernels, "Register the C++ CPU kernels of every metakernels op");
   m.def("unregister_cpu_kernels", &unregister_cpu_kernels, "Remove the C++ CPU kernels");
   m.def("register_autograd_kernels", &register_autograd_kernels, "Register the C++ autograd kernels");
+  m.def("inner_step", &metakernels::inner_step_dispatch,
+        "metakernels::inner_step through the dispatcher, without the boxed Python op call");
   m.def("openmp_enabled", []() {
 #ifdef _OPENMP
     return true;

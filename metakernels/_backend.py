@@ -21,6 +21,7 @@ import torch
 
 from . import ops
 from .ops.inner_step import register_python_autograd as _register_inner_step_python_autograd
+from .ops.inner_step import set_fast_entry as _set_inner_step_fast_entry
 
 _BACKENDS = ("cpp", "reference", "triton")
 
@@ -132,6 +133,7 @@ def _initialise() -> None:
     _load_extension()
     if _extension is not None:
         _extension.register_autograd_kernels()
+        _set_inner_step_fast_entry(_extension.inner_step)
     else:
         _python_autograd = torch.library.Library("metakernels", "IMPL")
         _register_inner_step_python_autograd(_python_autograd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -104,3 +105,29 @@ def test_ops_appear_under_their_names_in_the_profiler():
         mk.reptile_update(x.detach()[0], x.detach(), 0.5)
     names = {e.name for e in prof.events()}
     assert {"metakernels::inner_step", "metakernels::inner_step_backward", "metakernels::reptile_update"} <= names
+
+
+def test_fast_entry_is_the_same_dispatcher_op():
+    """With the extension, metakernels.inner_step skips the boxed torch.ops call; results, gradients,
+    errors and the profiler record must be those of torch.ops.metakernels.inner_step."""
+    module = importlib.import_module("metakernels.ops.inner_step")  # the package exports the function
+
+    if not mk.extension_available():
+        assert module._fast_entry is None
+        return
+    assert module._fast_entry is not None
+    theta = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    fast = mk.inner_step(theta, grad, lr, weight_decay=0.1)
+    boxed = torch.ops.metakernels.inner_step(theta, grad, lr, None, None, 0.0, 0.1)
+    assert torch.equal(fast, boxed)
+    g_fast = torch.autograd.grad(fast.square().sum(), (theta, grad, lr))
+    g_boxed = torch.autograd.grad(boxed.square().sum(), (theta, grad, lr))
+    for a, b in zip(g_fast, g_boxed, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="grad must have the shape of theta"):
+        mk.inner_step(theta, grad[:2], lr)
+    with torch.profiler.profile() as prof:
+        mk.inner_step(theta.detach(), grad.detach(), 0.1)
+    assert "metakernels::inner_step" in {e.name for e in prof.events()}

@@ -356,6 +356,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inner_step_backward_a
 
 }  // namespace
 
+at::Tensor inner_step_dispatch(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& lr,
+                               const std::optional<at::Tensor>& segment_offsets,
+                               const std::optional<at::Tensor>& theta0, double prox, double weight_decay) {
+  return call_inner_step(theta, grad, lr, segment_offsets, theta0, prox, weight_decay);
+}
+
 void register_inner_step_cpu(torch::Library& m) {
   m.impl("inner_step", &inner_step_cpu);
   m.impl("inner_step_backward", &inner_step_backward_cpu);

@@ -7,4 +7,11 @@ namespace metakernels {
 void register_inner_step_cpu(torch::Library& m);
 void register_inner_step_autograd(torch::Library& m);
 void register_reptile_update_cpu(torch::Library& m);
+
+// metakernels::inner_step called through the dispatcher from an unboxed C++ entry point: the same op,
+// kernels, autograd and profiler record as torch.ops.metakernels.inner_step, minus the ~1-5 us of the
+// boxed Python op call (argument parsing against the schema). The learners' hot path.
+at::Tensor inner_step_dispatch(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& lr,
+                               const std::optional<at::Tensor>& segment_offsets,
+                               const std::optional<at::Tensor>& theta0, double prox, double weight_decay);
 }  // namespace metakernels
