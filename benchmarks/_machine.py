@@ -228,6 +228,59 @@ def best_bandwidth(machine: dict, working_set_bytes: float) -> float:
     return max(v["gbps"] for v in machine[level].values())
 
 
+
+def bandwidth_fields(machine: dict, read: float, written: float, timing: dict, pattern: str) -> dict:
+    """The columns every bandwidth row shares: bytes moved, time, GB/s and the roofline it is measured against.
+
+    Args:
+        read, written: bytes the kernel must read and write (working set = read + written).
+        timing: a time_median() result.
+        pattern: the machine pattern that bounds this kernel ("read", "triad", "triad_inplace", ...).
+    """
+    ws = read + written
+    gbps = ws / timing["median_s"] / 1e9
+    bound, bound_gbps, where = roofline(machine, ws, pattern)
+    return {
+        "ws_bytes": ws,
+        "bytes_read": read,
+        "bytes_written": written,
+        "t_median_us": timing["median_s"] * 1e6,
+        "t_min_us": timing["min_s"] * 1e6,
+        "gbps": gbps,
+        "regime": where,
+        "bound": bound,
+        "bound_gbps": bound_gbps,
+        "pct_roofline": 100 * gbps / bound_gbps,
+        "pct_best_bandwidth": 100 * gbps / best_bandwidth(machine, ws),
+    }
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quick, --threads, --wait-quiet and --machine-json, shared by every benchmark script."""
+    parser.add_argument("--quick", action="store_true", help="a smaller grid and fewer repetitions (~1 minute)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first wait up to S seconds for the 1-minute load average to fall below 0.5",
+    )
+    parser.add_argument(
+        "--machine-json",
+        type=Path,
+        default=None,
+        help="reuse a measurement written by _machine.py instead of measuring now",
+    )
+
+
+def machine_from_arguments(args: argparse.Namespace) -> dict:
+    """Applies --threads and --wait-quiet, then measures (or loads) the machine's bounds."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wait_for_quiet(args.wait_quiet)
+    return load_json(args.machine_json) if args.machine_json else measure_machine(quick=args.quick)
+
 def format_machine(m: dict) -> str:
     info = m["info"]
     lines = [

@@ -237,8 +237,6 @@ def _forward_rows(machine: dict, n: int, mode: str, quick: bool) -> list[dict]:
             min_sample_s=0.0 if big else 0.02,
         )
         times[name] = t["median_s"]
-        bound, bound_gbps, where = M.roofline(machine, ws, pattern)
-        gbps = (read + written) / t["median_s"] / 1e9
         rows.append(
             {
                 "section": "forward",
@@ -247,17 +245,7 @@ def _forward_rows(machine: dict, n: int, mode: str, quick: bool) -> list[dict]:
                 "P": c["P"],
                 "N": c["T"] * c["P"],
                 "variant": name,
-                "ws_bytes": ws,
-                "bytes_read": read,
-                "bytes_written": written,
-                "t_median_us": t["median_s"] * 1e6,
-                "t_min_us": t["min_s"] * 1e6,
-                "gbps": gbps,
-                "regime": where,
-                "bound": bound,
-                "bound_gbps": bound_gbps,
-                "pct_roofline": 100 * gbps / bound_gbps,
-                "pct_best_bandwidth": 100 * gbps / M.best_bandwidth(machine, ws),
+                **M.bandwidth_fields(machine, read, written, t, pattern),
             }
         )
         gc.collect()
@@ -314,8 +302,6 @@ def _backward_row(machine: dict, name: str, mode: str, mask: list[bool], n: int,
     t_fresh = M.time_median(lambda: torch.empty(T, P).fill_(0.0), 3, warmup=1, min_sample_s=0.0 if big else 0.02)
     t_reused = M.time_median(lambda: reused.fill_(0.0), 3, warmup=1, min_sample_s=0.0 if big else 0.02)
     fault_s = max(0.0, t_fresh["median_s"] - t_reused["median_s"]) * (mask[0] + mask[1])
-    bound, bound_gbps, where = M.roofline(machine, ws, "triad")
-    gbps = ws / t["median_s"] / 1e9
     return {
         "section": "backward",
         "mode": mode,
@@ -323,19 +309,9 @@ def _backward_row(machine: dict, name: str, mode: str, mask: list[bool], n: int,
         "P": P,
         "N": T * P,
         "variant": name,
-        "ws_bytes": ws,
-        "bytes_read": read,
-        "bytes_written": written,
-        "t_median_us": t["median_s"] * 1e6,
-        "t_min_us": t["min_s"] * 1e6,
-        "gbps": gbps,
-        "regime": where,
-        "bound": bound,
-        "bound_gbps": bound_gbps,
-        "pct_roofline": 100 * gbps / bound_gbps,
-        "pct_best_bandwidth": 100 * gbps / M.best_bandwidth(machine, ws),
+        **M.bandwidth_fields(machine, read, written, t, "triad"),
         "fault_ms": fault_s * 1e3,
-        "gbps_excl_faults": ws / max(t["median_s"] - fault_s, 1e-9) / 1e9,
+        "gbps_excl_faults": (read + written) / max(t["median_s"] - fault_s, 1e-9) / 1e9,
         "reference_us": t_ref["median_s"] * 1e6,
         "speedup_vs_reference": t_ref["median_s"] / t["median_s"],
     }
@@ -423,28 +399,11 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smaller grid and fewer repetitions (~1 minute)")
+    M.add_common_arguments(p)
     p.add_argument("--sections", default="latency,forward,backward")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="first wait up to S seconds for the 1-minute load average to fall below 0.5",
-    )
-    p.add_argument(
-        "--machine-json",
-        type=Path,
-        default=None,
-        help="reuse a measurement written by _machine.py instead of measuring now",
-    )
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    M.wait_for_quiet(args.wait_quiet)
     quick, sections = args.quick, args.sections.split(",")
-    machine = M.load_json(args.machine_json) if args.machine_json else M.measure_machine(quick=quick)
+    machine = M.machine_from_arguments(args)
     print(M.format_machine(machine))
     if quick:
         lat_sizes, lat_modes = [8, 1_000, 10_000], ["scalar"]

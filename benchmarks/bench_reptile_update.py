@@ -65,8 +65,7 @@ def _rows(machine: dict, T: int, n: int, quick: bool) -> list[dict]:
             fn, 3 if big and name != "metakernels" else reps, warmup=1 if big else 3, min_sample_s=0.0 if big else 0.02
         )
         times[name] = t["median_s"]
-        bound, bound_gbps, where = M.roofline(machine, ws, "read")
-        gbps = ws / t["median_s"] / 1e9
+        fields = M.bandwidth_fields(machine, read, written, t, "read")
         rows.append(
             {
                 "section": "reptile_update",
@@ -75,18 +74,8 @@ def _rows(machine: dict, T: int, n: int, quick: bool) -> list[dict]:
                 "P": P,
                 "N": T * P,
                 "variant": name,
-                "ws_bytes": ws,
-                "bytes_read": read,
-                "bytes_written": written,
-                "t_median_us": t["median_s"] * 1e6,
-                "t_min_us": t["min_s"] * 1e6,
-                "gbps": gbps,
-                "regime": where,
-                "bound": bound,
-                "bound_gbps": bound_gbps,
-                "pct_roofline": 100 * gbps / bound_gbps,
-                "pct_best_bandwidth": 100 * gbps / M.best_bandwidth(machine, ws),
-                "pct_dram_triad": 100 * gbps / machine["dram"]["triad"]["gbps"],
+                **fields,
+                "pct_dram_triad": 100 * fields["gbps"] / machine["dram"]["triad"]["gbps"],
             }
         )
         gc.collect()
@@ -112,27 +101,10 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smaller grid and fewer repetitions (~1 minute)")
+    M.add_common_arguments(p)
     p.add_argument("--tasks", type=int, nargs="+", default=None, help="T values (default: 16; full adds 4)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="first wait up to S seconds for the 1-minute load average to fall below 0.5",
-    )
-    p.add_argument(
-        "--machine-json",
-        type=Path,
-        default=None,
-        help="reuse a measurement written by _machine.py instead of measuring now",
-    )
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    M.wait_for_quiet(args.wait_quiet)
-    machine = M.load_json(args.machine_json) if args.machine_json else M.measure_machine(quick=args.quick)
+    machine = M.machine_from_arguments(args)
     print(M.format_machine(machine))
     if args.quick:
         tasks = args.tasks or [16]
