@@ -19,6 +19,9 @@ void register_cpu_kernels() {
                                                    std::make_optional(c10::DispatchKey::CPU), __FILE__, __LINE__);
   metakernels::register_inner_step_cpu(*g_cpu_kernels);
   metakernels::register_reptile_update_cpu(*g_cpu_kernels);
+  metakernels::register_task_linear_cpu(*g_cpu_kernels);
+  metakernels::register_mlp_loss_grad_cpu(*g_cpu_kernels);
+  metakernels::register_conv_block_cpu(*g_cpu_kernels);
 }
 
 void unregister_cpu_kernels() { g_cpu_kernels.reset(); }
