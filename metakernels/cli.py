@@ -1,8 +1,10 @@
-"""The `metakernels` command line: `metakernels train` and `metakernels evaluate` (sinusoid regression).
+"""The `metakernels` command line: `metakernels train` and `metakernels evaluate` (sinusoid regression),
+`metakernels profile` (the ops against this machine's rooflines).
 
     metakernels train --algorithm maml --out runs/sinusoid-maml          # the MAML paper's setup, 70k iterations
     metakernels train --quick --out /tmp/mk-quick                         # a few hundred iterations, for CI
     metakernels evaluate --out runs/sinusoid-maml                         # re-evaluate out/checkpoint.pt
+    metakernels profile --quick                                           # runs/profile/profile.{json,csv,png}
 
 `train` resumes automatically from OUT/checkpoint.pt (or --resume PATH) and continues exactly where the
 checkpoint left off; it refuses a checkpoint written with different training settings.
@@ -15,6 +17,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+from .profiler.command import add_profile_parser, run_profile_command
 from .train.config import ALGORITHMS, DEFAULT_INNER_STEPS
 
 QUICK = {"iterations": 300, "checkpoint_every": 100, "log_every": 50}
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="checkpoint to evaluate (default OUT/checkpoint.pt)")
     _add_eval_options(e)
+    add_profile_parser(sub)
     return parser
 
 
@@ -195,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args, parser)
+    if args.command == "profile":
+        return run_profile_command(args, parser)
     return _evaluate(args, parser)
 
 

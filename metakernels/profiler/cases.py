@@ -1,0 +1,557 @@
+"""The profiler's registry of op cases: for every fused op, a size grid and how to call it.
+
+A case builds its inputs (and a preallocated output where the op has an out= form, so no page faults land
+in the timed calls), the call itself, the same call on the pure-PyTorch reference (the speedup column), and
+the work per call: bytes the kernel must move (reads + writes, the STREAM convention of
+metakernels.profiler.machine) and/or FLOPs. The bound says which roofline applies: a STREAM pattern
+("read", "triad", "triad_inplace"; cache-resident or DRAM by working set) for bandwidth-bound ops, "gemm"
+(the measured fp32 GEMM rate) for the layer ops, whose time is matrix products.
+
+An op gets cases only when it is in metakernels.ops.OP_NAMES and registered under torch.ops.metakernels
+at run time, so the profiler runs before and after an op lands. A new op joins by adding a function to
+CASE_BUILDERS (tests/test_profiler.py fails, naming it, while an op in OP_NAMES has none).
+
+Grids: "full" (sizes up to ~4x the L3), "quick" (a few sizes, one beyond the L3, ~1 minute with the machine
+measurement) and "tiny" (for tests: every case in milliseconds).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .machine import l3_bytes
+
+GRIDS = ("full", "quick", "tiny")
+BANDWIDTH_BOUNDS = ("read", "copy", "triad", "triad_inplace")
+
+
+@dataclass
+class Built:
+    """A case's inputs, bound into calls.
+
+    Attributes:
+        call: the op call to time (no arguments).
+        reference: the same computation by metakernels.reference (None when the reference is missing).
+        bytes_read, bytes_written: bytes the op must move per call.
+        flops: floating-point operations per call (0 for bandwidth-bound ops).
+    """
+
+    call: Callable[[], object]
+    reference: Callable[[], object] | None
+    bytes_read: int
+    bytes_written: int
+    flops: float = 0.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point of an op's size grid.
+
+    Attributes:
+        op: the torch.ops.metakernels op the call dispatches to (its name in profiler traces).
+        label: what distinguishes the case within the op ("scalar N=1e6", "sinusoid hidden 40x40").
+        bound: the roofline that applies: a STREAM pattern (bandwidth-bound) or "gemm".
+        via: how the op is called ("metakernels.inner_step(out=buf)", "torch.ops.metakernels.task_linear").
+        params: the sizes, recorded in the results.
+        make: builds the inputs and returns the Built calls (called only when the case is run, so at most
+            one case's tensors are alive at a time).
+    """
+
+    op: str
+    label: str
+    bound: str
+    via: str
+    params: dict = field(hash=False, compare=False)
+    make: Callable[[], Built] = field(hash=False, compare=False, repr=False)
+
+
+def _reference(op: str) -> Callable | None:
+    """metakernels.reference.<file>.<op>, file = op minus a _backward/_out suffix (as metakernels._backend)."""
+    file = op.removesuffix("_backward").removesuffix("_out")
+    try:
+        module = importlib.import_module(f"metakernels.reference.{file}")
+    except ImportError:
+        return None
+    return getattr(module, op, None)
+
+
+def _op(op: str) -> Callable:
+    return getattr(torch.ops.metakernels, op).default
+
+
+# Dispatch keys whose kernel serves a CPU tensor.
+_CPU_KEYS = ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+
+
+def op_registered(op: str) -> bool:
+    """True when torch.ops.metakernels has the op now and a kernel that serves CPU tensors (a schema whose
+    kernel is not built yet, e.g. while the extension is being rebuilt, does not count)."""
+    try:
+        getattr(torch.ops.metakernels, op)
+    except (AttributeError, RuntimeError):
+        return False
+    name = f"metakernels::{op}"
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in _CPU_KEYS)
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _dram_n(l3: int, bytes_per_n: float, factor: float, multiple: int) -> int:
+    """An element count whose working set is `factor` L3 sizes: beyond the cache, measured against DRAM."""
+    n = factor * l3 / bytes_per_n
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def _fmt(n: int) -> str:
+    if n < 1000:
+        return str(n)
+    e = int(math.floor(math.log10(n)))
+    m = n / 10**e
+    return f"{m:.3g}e{e}" if abs(m - round(m)) > 1e-9 else f"{round(m)}e{e}"
+
+
+# --- inner_step, inner_step_out, inner_step_backward ------------------------------------------------------
+
+INNER_STEP_TASKS = 4
+INNER_STEP_SEGMENTS = 16  # segmented (MAML++ per-layer) rates: 16 equal segments
+RATES = ("scalar", "segmented", "per_coordinate")
+
+
+def _inner_step_inputs(n: int, rate: str) -> dict:
+    T = INNER_STEP_TASKS
+    P = max(1, n // T)
+    g = _gen()
+    theta = torch.rand(T, P, generator=g)
+    grad = torch.rand(T, P, generator=g) - 0.5
+    offsets = None
+    if rate == "per_coordinate":
+        lr = torch.full((P,), 1e-3)
+    elif rate == "segmented":
+        S = min(INNER_STEP_SEGMENTS, P)
+        offsets = torch.linspace(0, P, S + 1).round().to(torch.int64)
+        lr = torch.full((S,), 1e-3)
+    else:
+        lr = torch.tensor(1e-3)
+    return dict(T=T, P=P, theta=theta, grad=grad, lr=lr, segment_offsets=offsets)
+
+
+def _inner_step_case(op: str, n: int, rate: str, in_place: bool = False) -> Case:
+    """inner_step (allocating, as the learners call it) or inner_step_out (preallocated, or in place)."""
+
+    def make() -> Built:
+        c = _inner_step_inputs(n, rate)
+        theta, grad, lr, offsets = c["theta"], c["grad"], c["lr"], c["segment_offsets"]
+        tp, es = c["T"] * c["P"], theta.element_size()
+        read, written = (2 * tp + lr.numel()) * es, tp * es
+        ref = _reference(op)
+        from .. import inner_step
+
+        if op == "inner_step":
+            def call():
+                return inner_step(theta, grad, lr, segment_offsets=offsets)
+
+            reference = None if ref is None else (lambda: ref(theta, grad, lr, offsets, None, 0.0, 0.0))
+        else:
+            # In place, theta drifts by <= 5e-4 per call: bounded for any repetition count used here.
+            out = theta if in_place else torch.empty_like(theta).fill_(0.0)  # touched: no faults when timed
+
+            def call():
+                return inner_step(theta, grad, lr, segment_offsets=offsets, out=out)
+
+            reference = None if ref is None else (lambda: ref(theta, grad, lr, offsets, None, 0.0, 0.0, out))
+        return Built(call, reference, read, written)
+
+    where = " in place" if in_place else ""
+    via = "metakernels.inner_step" + ("(out=theta)" if in_place else "(out=buf)" if op == "inner_step_out" else "")
+    return Case(
+        op=op,
+        label=f"{rate}{where} N={_fmt(n)}",
+        bound="triad_inplace" if in_place else "triad",
+        via=via,
+        params={"T": INNER_STEP_TASKS, "P": max(1, n // INNER_STEP_TASKS), "rate": rate},
+        make=make,
+    )
+
+
+def inner_step_cases(grid: str, l3: int) -> list[Case]:
+    """The allocating forward where the learners call it: T*P up to 1e5 (latency-bound sizes)."""
+    sizes = {"full": [1_000, 10_000, 100_000], "quick": [10_000], "tiny": [64]}[grid]
+    return [_inner_step_case("inner_step", n, rate) for rate in RATES for n in sizes]
+
+
+def inner_step_out_cases(grid: str, l3: int) -> list[Case]:
+    """The forward into a preallocated buffer, cache-resident sizes to beyond the L3 (bandwidth-bound)."""
+    dram = [_dram_n(l3, 12, f, 1_000_000) for f in (2.5, 4.0)]
+    grids = {
+        "full": {r: [10_000, 100_000, 1_000_000, 10_000_000, *dram] for r in RATES},
+        "quick": {"scalar": [10_000, 1_000_000, dram[0]], "segmented": [1_000_000], "per_coordinate": [1_000_000]},
+        "tiny": {r: [64] for r in RATES},
+    }[grid]
+    cases = [_inner_step_case("inner_step_out", n, rate) for rate, sizes in grids.items() for n in sizes]
+    in_place = {"full": [1_000_000, dram[0]], "quick": [], "tiny": [64]}[grid]
+    cases += [_inner_step_case("inner_step_out", n, "scalar", in_place=True) for n in in_place]
+    return cases
+
+
+def inner_step_backward_cases(grid: str, l3: int) -> list[Case]:
+    """The fused backward as second-order MAML with a learned rate calls it: d_grad and d_lr (no decay)."""
+    mask = [False, True, True, False]
+    dram = _dram_n(l3, 16, 2.5, 1_000_000)
+    sizes = {
+        "full": [10_000, 100_000, 1_000_000, 10_000_000, dram],
+        "quick": [10_000, 1_000_000, dram],
+        "tiny": [64],
+    }[grid]
+
+    def case(n: int, rate: str) -> Case:
+        def make() -> Built:
+            c = _inner_step_inputs(n, rate)
+            theta, grad, lr, offsets = c["theta"], c["grad"], c["lr"], c["segment_offsets"]
+            go = torch.rand_like(theta)
+            tp, es = c["T"] * c["P"], theta.element_size()
+            # Reads grad_out, theta, grad and the rate; writes d_grad and d_lr. Allocates its outputs (the op
+            # has no out= form): their page faults are in the time at large sizes.
+            read, written = (3 * tp + lr.numel()) * es, (tp + lr.numel()) * es
+            args = (go, theta, grad, lr, offsets, None, 0.0, 0.0, mask)
+            op, ref = _op("inner_step_backward"), _reference("inner_step_backward")
+            return Built(lambda: op(*args), None if ref is None else (lambda: ref(*args)), read, written)
+
+        return Case(
+            op="inner_step_backward",
+            label=f"{rate} d_grad,d_lr N={_fmt(n)}",
+            bound="triad",
+            via="torch.ops.metakernels.inner_step_backward",
+            params={"T": INNER_STEP_TASKS, "P": max(1, n // INNER_STEP_TASKS), "rate": rate, "mask": mask},
+            make=make,
+        )
+
+    cases = [case(n, "scalar") for n in sizes]
+    others = {"full": [1_000_000], "quick": [], "tiny": [64]}[grid]
+    cases += [case(n, rate) for rate in ("segmented", "per_coordinate") for n in others]
+    return cases
+
+
+# --- reptile_update --------------------------------------------------------------------------------------
+
+REPTILE_TASKS = 16
+
+
+def reptile_update_cases(grid: str, l3: int) -> list[Case]:
+    """theta + eps (mean_t fast_t - theta), T = 16: reads T*P + P, writes P, so bounded by the read bandwidth."""
+    T = REPTILE_TASKS
+    dram = [_dram_n(l3, 4 * (T + 2) / T, f, 1_600_000) for f in (2.5, 4.0)]
+    sizes = {
+        "full": [10_000, 100_000, 1_000_000, 10_000_000, *dram],
+        "quick": [10_000, 1_000_000, dram[0]],
+        "tiny": [64],
+    }[grid]
+
+    def case(n: int) -> Case:
+        P = max(1, n // T)
+
+        def make() -> Built:
+            g = _gen()
+            fast = torch.rand(T, P, generator=g)
+            theta = torch.rand(P, generator=g)
+            es = fast.element_size()
+            op, ref = _op("reptile_update"), _reference("reptile_update")
+            return Built(
+                lambda: op(theta, fast, 0.5),
+                None if ref is None else (lambda: ref(theta, fast, 0.5)),
+                (T * P + P) * es,
+                P * es,
+            )
+
+        return Case("reptile_update", f"T={T} N={_fmt(n)}", "read", "torch.ops.metakernels.reptile_update",
+                    {"T": T, "P": P}, make)
+
+    return [case(n) for n in sizes]
+
+
+# --- task_linear -----------------------------------------------------------------------------------------
+
+
+def task_linear_cases(grid: str, l3: int) -> list[Case]:
+    """Task-batched Linear + activation: x [T, N, in] @ weight[t]^T + bias[t]; 2 T N in out FLOPs."""
+    shapes = {
+        "full": [("sinusoid hidden", 25, 10, 40, 40), ("mlp", 8, 75, 256, 256), ("wide", 32, 80, 1024, 1024)],
+        "quick": [("sinusoid hidden", 25, 10, 40, 40), ("mlp", 8, 75, 256, 256), ("wide", 32, 80, 1024, 1024)],
+        "tiny": [("tiny", 2, 3, 5, 4)],
+    }[grid]
+
+    def case(name: str, T: int, N: int, fin: int, fout: int) -> Case:
+        def make() -> Built:
+            g = _gen()
+            x = torch.randn(T, N, fin, generator=g)
+            w = torch.randn(T, fout, fin, generator=g) / math.sqrt(fin)
+            b = torch.randn(T, fout, generator=g) * 0.1
+            op, ref = _op("task_linear"), _reference("task_linear")
+            es = x.element_size()
+            return Built(
+                lambda: op(x, w, b, "relu"),
+                None if ref is None else (lambda: ref(x, w, b, "relu")),
+                (x.numel() + w.numel() + b.numel()) * es,
+                T * N * fout * es,
+                flops=2.0 * T * N * fin * fout,
+            )
+
+        return Case("task_linear", f"{name} T={T} N={N} {fin}x{fout} relu", "gemm",
+                    "torch.ops.metakernels.task_linear", {"T": T, "N": N, "in": fin, "out": fout}, make)
+
+    return [case(*s) for s in shapes]
+
+
+# --- mlp_loss_grad ---------------------------------------------------------------------------------------
+
+
+def mlp_loss_grad_cases(grid: str, l3: int) -> list[Case]:
+    """Loss and parameter gradient of a task-batched MLP in one call; ~6 T N sum(w_l w_l+1) FLOPs
+    (forward 2, backward 4: input and weight gradients)."""
+    shapes = {
+        "full": [("sinusoid", [1, 40, 40, 1], "mse", 25, 10),
+                 ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 8, 5),
+                 ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 32, 25)],
+        "quick": [("sinusoid", [1, 40, 40, 1], "mse", 25, 10),
+                  ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 8, 5)],
+        "tiny": [("tiny", [3, 4, 2], "mse", 2, 3), ("tiny", [3, 4, 2], "cross_entropy", 2, 3)],
+    }[grid]
+
+    def case(name: str, widths: list[int], loss: str, T: int, N: int) -> Case:
+        P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+        macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+        def make() -> Built:
+            g = _gen()
+            # Per Linear layer: weight [out, in] then bias [out], scaled as a default init would be.
+            chunks = []
+            for a, b in zip(widths[:-1], widths[1:], strict=True):
+                chunks += [torch.randn(T, b * a, generator=g) / math.sqrt(a), torch.zeros(T, b)]
+            theta = torch.cat(chunks, dim=1).contiguous()
+            x = torch.randn(T, N, widths[0], generator=g)
+            if loss == "cross_entropy":
+                target = torch.randint(0, widths[-1], (T, N), generator=g)
+            else:
+                target = torch.randn(T, N, widths[-1], generator=g)
+            op, ref = _op("mlp_loss_grad"), _reference("mlp_loss_grad")
+            es = theta.element_size()
+            return Built(
+                lambda: op(theta, x, target, widths, "relu", loss),
+                None if ref is None else (lambda: ref(theta, x, target, widths, "relu", loss)),
+                (theta.numel() + x.numel()) * es + target.numel() * target.element_size(),
+                (T + T * P) * es,
+                flops=6.0 * T * N * macs,
+            )
+
+        return Case("mlp_loss_grad", f"{name} {widths} {loss} T={T} N={N}", "gemm",
+                    "torch.ops.metakernels.mlp_loss_grad",
+                    {"T": T, "N": N, "widths": widths, "loss": loss, "P": P}, make)
+
+    return [case(*s) for s in shapes]
+
+
+# --- conv_block ------------------------------------------------------------------------------------------
+
+
+CONV_K, CONV_STRIDE, CONV_PADDING, CONV_EPS = 3, 1, 1, 1e-5
+
+
+def _conv_shapes(grid: str) -> list[tuple[str, int, int, int, int, int]]:
+    """(name, T, N, Cin, Cout, H = W) of the conv4 nets' blocks (Omniglot 28x28, MiniImagenet 84x84)."""
+    return {
+        "full": [("omniglot layer 1", 8, 75, 1, 64, 28), ("omniglot layer 2", 8, 75, 64, 64, 14),
+                 ("miniimagenet layer 2", 4, 75, 32, 32, 42)],
+        "quick": [("omniglot layer 1", 8, 75, 1, 64, 28), ("omniglot layer 2", 8, 75, 64, 64, 14)],
+        "tiny": [("tiny", 2, 3, 2, 3, 6)],
+    }[grid]
+
+
+def _conv_inputs(T: int, N: int, cin: int, cout: int, hw: int) -> tuple:
+    g = _gen()
+    k = CONV_K
+    x = torch.randn(T, N, cin, hw, hw, generator=g)
+    w = torch.randn(T, cout, cin, k, k, generator=g) / math.sqrt(cin * k * k)
+    b = torch.randn(T, cout, generator=g) * 0.1
+    return x, w, b, torch.ones(T, cout), torch.zeros(T, cout)
+
+
+def _conv_flops(T: int, N: int, cin: int, cout: int, hw: int) -> tuple[float, int]:
+    """(FLOPs of the convolution, its output size)."""
+    hout = (hw + 2 * CONV_PADDING - CONV_K) // CONV_STRIDE + 1
+    return 2.0 * T * N * cout * cin * CONV_K * CONV_K * hout * hout, hout
+
+
+def conv_block_cases(grid: str, l3: int) -> list[Case]:
+    """conv 3x3 (pad 1) + batch norm + ReLU + 2x2 max-pool of the Omniglot/MiniImagenet conv4 nets;
+    2 T N Cout Cin k^2 Hout Wout FLOPs (the convolution; the rest is bandwidth)."""
+
+    def case(name: str, T: int, N: int, cin: int, cout: int, hw: int) -> Case:
+        flops, hout = _conv_flops(T, N, cin, cout, hw)
+
+        def make() -> Built:
+            x, w, b, bn_w, bn_b = _conv_inputs(T, N, cin, cout, hw)
+            args = (x, w, b, bn_w, bn_b, CONV_STRIDE, CONV_PADDING, CONV_EPS, True)
+            op, ref = _op("conv_block"), _reference("conv_block")
+            es = x.element_size()
+            return Built(
+                lambda: op(*args),
+                None if ref is None else (lambda: ref(*args)),
+                (x.numel() + w.numel() + 3 * b.numel()) * es,
+                T * N * cout * (hout // 2) ** 2 * es,
+                flops=flops,
+            )
+
+        return Case("conv_block", f"{name} T={T} N={N} {cin}->{cout} {hw}x{hw} pool", "gemm",
+                    "torch.ops.metakernels.conv_block",
+                    {"T": T, "N": N, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "k": CONV_K}, make)
+
+    return [case(*s) for s in _conv_shapes(grid)]
+
+
+def conv_block_backward_cases(grid: str, l3: int) -> list[Case]:
+    """The block's fused backward at the forward's sizes: d_weight, d_bias, d_bn_weight, d_bn_bias, and d_x
+    except on a first layer (MAML needs no gradient of the input images). FLOPs: one convolution's worth
+    per d_x and per d_weight."""
+
+    def case(name: str, T: int, N: int, cin: int, cout: int, hw: int) -> Case:
+        conv_flops, _ = _conv_flops(T, N, cin, cout, hw)
+        mask = [cin not in (1, 3), True, True, True, True]  # no d_x of input images (1 or 3 channels)
+
+        def make() -> Built:
+            x, w, b, bn_w, bn_b = _conv_inputs(T, N, cin, cout, hw)
+            with torch.no_grad():
+                out, conv_out, mean, invstd = _op("conv_block")(
+                    x, w, b, bn_w, bn_b, CONV_STRIDE, CONV_PADDING, CONV_EPS, True)
+            grad_out = torch.randn_like(out)
+            args = (grad_out, x, w, bn_w, bn_b, conv_out, mean, invstd, CONV_STRIDE, CONV_PADDING, True, mask)
+            op, ref = _op("conv_block_backward"), _reference("conv_block_backward")
+            es = x.element_size()
+            return Built(
+                lambda: op(*args),
+                None if ref is None else (lambda: ref(*args)),
+                (grad_out.numel() + x.numel() + w.numel() + conv_out.numel()) * es,
+                (x.numel() * mask[0] + w.numel() + 3 * b.numel()) * es,
+                flops=conv_flops * (mask[0] + mask[1]),
+            )
+
+        grads = "d_x,d_w,d_bn" if mask[0] else "d_w,d_bn"
+        return Case("conv_block_backward", f"{name} T={T} N={N} {cin}->{cout} {hw}x{hw} pool {grads}", "gemm",
+                    "torch.ops.metakernels.conv_block_backward",
+                    {"T": T, "N": N, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "k": CONV_K, "mask": mask}, make)
+
+    return [case(*s) for s in _conv_shapes(grid)]
+
+
+# --- pcgrad, pcgrad_out -----------------------------------------------------------------------------------
+
+
+def _pcgrad_case(op: str, T: int, P: int) -> Case:
+    """PCGrad over [T, P] gradients (the paper's options: j != i, sum, eps 0), all columns shared.
+
+    Bytes counted: G read once + the [P] update written (the STREAM convention). The fused op reads G twice
+    (Gram, then combine), so once G is beyond the L3 its ceiling is about half the read bound counted this
+    way; the reference loop reads it O(T^2) times.
+    """
+
+    def make() -> Built:
+        g = _gen()
+        grads = torch.randn(T, P, generator=g)
+        orders = torch.stack([torch.randperm(T, generator=g) for _ in range(T)])
+        es = grads.element_size()
+        args = (grads, orders, None, False, "sum", 0.0)
+        if op == "pcgrad_out":
+            args = (*args, torch.empty(P).fill_(0.0))  # touched: no page faults in the timed calls
+        f, ref = _op(op), _reference(op)
+        return Built(
+            lambda: f(*args),
+            None if ref is None else (lambda: ref(*args)),
+            T * P * es,
+            P * es,
+            flops=float(T * T * P + 2 * T * P),  # the symmetric Gram (upper triangle) + the combine GEMV
+        )
+
+    return Case(op, f"T={T} P={_fmt(P)} sum", "read", f"torch.ops.metakernels.{op}", {"T": T, "P": P}, make)
+
+
+def pcgrad_cases(grid: str, l3: int) -> list[Case]:
+    """The allocating op at the sizes Meta-PCGrad calls it with (a meta-gradient per task)."""
+    shapes = {"full": [(8, 10_000), (8, 100_000), (8, 1_000_000), (16, 1_000_000)], "quick": [(8, 100_000)],
+              "tiny": [(3, 17)]}[grid]
+    return [_pcgrad_case("pcgrad", T, P) for T, P in shapes]
+
+
+def pcgrad_out_cases(grid: str, l3: int) -> list[Case]:
+    """The update into a preallocated [P] buffer, cache-resident sizes to beyond the L3."""
+    dram = {f: _dram_n(l3, 4 * 4, f, 1_000_000) for f in (2.5, 4.0)}  # T = 4: P per working set
+    shapes = {
+        "full": [(8, 10_000), (8, 100_000), (8, 1_000_000), (8, 10_000_000), (4, dram[2.5]), (4, dram[4.0]),
+                 (16, _dram_n(l3, 16 * 4, 2.5, 100_000))],
+        "quick": [(8, 1_000_000), (4, dram[2.5])],
+        "tiny": [(3, 17)],
+    }[grid]
+    return [_pcgrad_case("pcgrad_out", T, P) for T, P in shapes]
+
+
+# Op name -> its grid. An op in OP_NAMES gets cases from here when it is registered.
+CASE_BUILDERS: dict[str, Callable[[str, int], list[Case]]] = {
+    "inner_step": inner_step_cases,
+    "inner_step_out": inner_step_out_cases,
+    "inner_step_backward": inner_step_backward_cases,
+    "reptile_update": reptile_update_cases,
+    "task_linear": task_linear_cases,
+    "mlp_loss_grad": mlp_loss_grad_cases,
+    "conv_block": conv_block_cases,
+    "conv_block_backward": conv_block_backward_cases,
+    "pcgrad": pcgrad_cases,
+    "pcgrad_out": pcgrad_out_cases,
+}
+
+
+def available_ops() -> list[str]:
+    """The ops in metakernels.ops.OP_NAMES registered under torch.ops.metakernels now, in OP_NAMES order."""
+    from ..ops import OP_NAMES
+
+    return [op for op in OP_NAMES if op_registered(op)]
+
+
+def ops_without_cases() -> list[str]:
+    """Available ops the profiler has no grid for (each new op should add one to CASE_BUILDERS)."""
+    return [op for op in available_ops() if op not in CASE_BUILDERS]
+
+
+def build_cases(grid: str = "quick", ops: list[str] | None = None, l3: int | None = None) -> list[Case]:
+    """The cases of the grid for the given ops (default: every available op with a grid).
+
+    Args:
+        grid: "full", "quick" or "tiny".
+        ops: op names to include; each must be available (see available_ops) and have a grid.
+        l3: the L3 size in bytes that the beyond-the-cache sizes are scaled to (default: this machine's).
+
+    Returns:
+        The cases, op by op in OP_NAMES order.
+
+    Raises:
+        ValueError: an unknown grid, or an op that is not available or has no grid.
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"metakernels profile: grid must be one of {GRIDS}, got {grid!r}")
+    available = available_ops()
+    if ops is None:
+        selected = [op for op in available if op in CASE_BUILDERS]
+    else:
+        for op in ops:
+            if op not in available:
+                raise ValueError(
+                    f"metakernels profile: op {op!r} is not available (available: {', '.join(available)})"
+                )
+            if op not in CASE_BUILDERS:
+                raise ValueError(f"metakernels profile: op {op!r} has no profiler cases yet")
+        selected = [op for op in available if op in ops]
+    l3 = l3 or l3_bytes()
+    return [case for op in selected for case in CASE_BUILDERS[op](grid, l3)]
