@@ -197,10 +197,12 @@ def test_quick_grid_reaches_beyond_the_l3():
     # Every bandwidth-bound op has a quick-grid case in the DRAM regime (working set >= 2x the L3). Sizes
     # only: the cases' inputs are not built.
     l3 = 300 * M.MIB
-    for op in ("inner_step_out", "inner_step_backward", "reptile_update"):
-        sizes = [c.params["T"] * c.params["P"] for c in C.CASE_BUILDERS[op]("quick", l3)]
-        bytes_per = {"inner_step_out": 12, "inner_step_backward": 16, "reptile_update": 4 * 18 / 16}[op]
-        assert max(sizes) * bytes_per >= 2 * l3, op
+    # Bytes per [T, P] element: theta, grad, out; grad_out, theta, grad, d_grad; fast + theta/T + out/T; G + out/T.
+    bytes_per = {"inner_step_out": lambda T: 12, "inner_step_backward": lambda T: 16,
+                 "reptile_update": lambda T: 4 * (T + 2) / T, "pcgrad_out": lambda T: 4 * (T + 1) / T}
+    for op, per in bytes_per.items():
+        cases = C.CASE_BUILDERS[op]("quick", l3)
+        assert max(c.params["T"] * c.params["P"] * per(c.params["T"]) for c in cases) >= 2 * l3, op
 
 
 def test_l3_from_sysfs_or_override(monkeypatch):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import cases as C
-from .machine import MIB, format_machine, load_json, measure_machine
+from .machine import MIB, format_machine, load_json, measure_machine, wait_for_quiet
 from .report import format_table, write_csv, write_json
 from .runner import run_cases, set_threads, trace_pass
 
@@ -140,7 +140,8 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     p.add_argument("--quick", action="store_true", help="a smaller grid and fewer repetitions (~1 minute)")
     p.add_argument("--ops", default=None, metavar="A,B",
-                   help="comma-separated op names (default: every available op: " + ", ".join(C.CASE_BUILDERS) + ")")
+                   help="comma-separated op names (default: every op registered now; the profiler has cases for "
+                        + ", ".join(C.CASE_BUILDERS) + ")")
     p.add_argument("--threads", type=_threads, default=None, help="torch threads (default: torch's, all cores)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="do not write profile.png")
@@ -149,6 +150,8 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--machine-json", default=None, metavar="PATH",
                    help="reuse the machine measurement in a profile.json (or benchmarks/_machine.py JSON)")
     p.add_argument("--no-reference", action="store_true", help="do not time the references (no speedup column)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="first wait up to S seconds for the 1-minute load average to fall below 0.5")
     # Tests only: toy sizes and a toy machine measurement, a few seconds in all.
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -158,6 +161,8 @@ def run_profile_command(args: argparse.Namespace, parser: argparse.ArgumentParse
     """Runs `metakernels profile` with parsed arguments; usage errors go through parser.error."""
     grid = "tiny" if args.tiny else "quick" if args.quick else "full"
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    if args.wait_quiet > 0:
+        wait_for_quiet(args.wait_quiet)
     machine = None
     if args.machine_json:
         try:

@@ -16,7 +16,7 @@ Regimes, with L3 the size read from sysfs (or lscpu; METAKERNELS_L3_BYTES overri
 >= 2x the L3 against the DRAM bound (measured at DRAM_WS_FACTOR x the L3); the ones between are in the
 L3/DRAM transition and reported against the DRAM bound, flagged as such (their % can exceed 100). On the
 dev VM (sysfs L3 300 MiB) inner_step's forward ran at the 48 MiB triad's speed with a 114 MiB working set
-(39.3 vs 39.2 GB/s), and half-way to DRAM speed at 343 MiB: the L3 is the right line between the two bounds.
+(39.3 vs 39.2 GB/s) and slower at 343 MiB (28.9 GB/s; DRAM triad 22.4): the L3 is the line between the bounds.
 """
 
 from __future__ import annotations
