@@ -275,23 +275,32 @@ def reptile_update_cases(grid: str, l3: int) -> list[Case]:
     return [case(n) for n in sizes]
 
 
-# --- task_linear -----------------------------------------------------------------------------------------
+# --- task_linear, task_linear_backward ---------------------------------------------------------------------
 
 
-def task_linear_cases(grid: str, l3: int) -> list[Case]:
-    """Task-batched Linear + activation: x [T, N, in] @ weight[t]^T + bias[t]; 2 T N in out FLOPs."""
-    shapes = {
+def _linear_shapes(grid: str) -> list[tuple[str, int, int, int, int]]:
+    """(name, T, N, in, out): the sinusoid MLP's hidden layer, a 256-wide MLP layer, a wide layer."""
+    return {
         "full": [("sinusoid hidden", 25, 10, 40, 40), ("mlp", 8, 75, 256, 256), ("wide", 32, 80, 1024, 1024)],
         "quick": [("sinusoid hidden", 25, 10, 40, 40), ("mlp", 8, 75, 256, 256), ("wide", 32, 80, 1024, 1024)],
         "tiny": [("tiny", 2, 3, 5, 4)],
     }[grid]
 
+
+def _linear_inputs(T: int, N: int, fin: int, fout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _gen()
+    x = torch.randn(T, N, fin, generator=g)
+    w = torch.randn(T, fout, fin, generator=g) / math.sqrt(fin)
+    b = torch.randn(T, fout, generator=g) * 0.1
+    return x, w, b
+
+
+def task_linear_cases(grid: str, l3: int) -> list[Case]:
+    """Task-batched Linear + activation: x [T, N, in] @ weight[t]^T + bias[t]; 2 T N in out FLOPs."""
+
     def case(name: str, T: int, N: int, fin: int, fout: int) -> Case:
         def make() -> Built:
-            g = _gen()
-            x = torch.randn(T, N, fin, generator=g)
-            w = torch.randn(T, fout, fin, generator=g) / math.sqrt(fin)
-            b = torch.randn(T, fout, generator=g) * 0.1
+            x, w, b = _linear_inputs(T, N, fin, fout)
             op, ref = _op("task_linear"), _reference("task_linear")
             es = x.element_size()
             return Built(
@@ -305,16 +314,44 @@ def task_linear_cases(grid: str, l3: int) -> list[Case]:
         return Case("task_linear", f"{name} T={T} N={N} {fin}x{fout} relu", "gemm",
                     "torch.ops.metakernels.task_linear", {"T": T, "N": N, "in": fin, "out": fout}, make)
 
-    return [case(*s) for s in shapes]
+    return [case(*s) for s in _linear_shapes(grid)]
 
 
-# --- mlp_loss_grad ---------------------------------------------------------------------------------------
+def task_linear_backward_cases(grid: str, l3: int) -> list[Case]:
+    """The layer's fused backward (d_x, d_weight, d_bias from grad_out and the saved output): 4 T N in out
+    FLOPs (two products of the forward's size)."""
+    mask = [True, True, True]
+
+    def case(name: str, T: int, N: int, fin: int, fout: int) -> Case:
+        def make() -> Built:
+            x, w, b = _linear_inputs(T, N, fin, fout)
+            with torch.no_grad():
+                out = _op("task_linear")(x, w, b, "relu")
+            grad_out = torch.randn(out.shape, generator=_gen())
+            args = (grad_out, x, w, out, "relu", mask)
+            op, ref = _op("task_linear_backward"), _reference("task_linear_backward")
+            es = x.element_size()
+            return Built(
+                lambda: op(*args),
+                None if ref is None else (lambda: ref(*args)),
+                (2 * grad_out.numel() + x.numel() + w.numel()) * es,
+                (x.numel() + w.numel() + b.numel()) * es,
+                flops=4.0 * T * N * fin * fout,
+            )
+
+        return Case("task_linear_backward", f"{name} T={T} N={N} {fin}x{fout} relu d_x,d_w,d_b", "gemm",
+                    "torch.ops.metakernels.task_linear_backward",
+                    {"T": T, "N": N, "in": fin, "out": fout, "mask": mask}, make)
+
+    return [case(*s) for s in _linear_shapes(grid)]
 
 
-def mlp_loss_grad_cases(grid: str, l3: int) -> list[Case]:
-    """Loss and parameter gradient of a task-batched MLP in one call; ~6 T N sum(w_l w_l+1) FLOPs
-    (forward 2, backward 4: input and weight gradients)."""
-    shapes = {
+# --- mlp_loss_grad, mlp_loss_grad_backward -----------------------------------------------------------------
+
+
+def _mlp_shapes(grid: str) -> list[tuple[str, list[int], str, int, int]]:
+    """(name, widths, loss, T, N): the sinusoid regression MLP and a 5-way Omniglot MLP."""
+    return {
         "full": [("sinusoid", [1, 40, 40, 1], "mse", 25, 10),
                  ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 8, 5),
                  ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 32, 25)],
@@ -323,22 +360,39 @@ def mlp_loss_grad_cases(grid: str, l3: int) -> list[Case]:
         "tiny": [("tiny", [3, 4, 2], "mse", 2, 3), ("tiny", [3, 4, 2], "cross_entropy", 2, 3)],
     }[grid]
 
+
+def _mlp_inputs(widths: list[int], loss: str, T: int, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _gen()
+    # Per Linear layer: weight [out, in] then bias [out], scaled as a default init would be.
+    chunks = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        chunks += [torch.randn(T, b * a, generator=g) / math.sqrt(a), torch.zeros(T, b)]
+    theta = torch.cat(chunks, dim=1).contiguous()
+    x = torch.randn(T, N, widths[0], generator=g)
+    if loss == "cross_entropy":
+        target = torch.randint(0, widths[-1], (T, N), generator=g)
+    else:
+        target = torch.randn(T, N, widths[-1], generator=g)
+    return theta, x, target
+
+
+def _mlp_macs(widths: list[int]) -> tuple[int, int]:
+    """(multiply-adds of one sample through all layers, those of the first layer)."""
+    layers = [a * b for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    return sum(layers), layers[0]
+
+
+def mlp_loss_grad_cases(grid: str, l3: int) -> list[Case]:
+    """Loss and parameter gradient of a task-batched MLP in one call. FLOPs per sample and multiply-add of a
+    layer: forward 2, weight gradient 2, input gradient 2 except at the first layer: 6 sum(m_l) - 2 m_0 (the
+    ~6 T N sum(w_l w_l+1) of a training step)."""
+
     def case(name: str, widths: list[int], loss: str, T: int, N: int) -> Case:
         P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
-        macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+        macs, first = _mlp_macs(widths)
 
         def make() -> Built:
-            g = _gen()
-            # Per Linear layer: weight [out, in] then bias [out], scaled as a default init would be.
-            chunks = []
-            for a, b in zip(widths[:-1], widths[1:], strict=True):
-                chunks += [torch.randn(T, b * a, generator=g) / math.sqrt(a), torch.zeros(T, b)]
-            theta = torch.cat(chunks, dim=1).contiguous()
-            x = torch.randn(T, N, widths[0], generator=g)
-            if loss == "cross_entropy":
-                target = torch.randint(0, widths[-1], (T, N), generator=g)
-            else:
-                target = torch.randn(T, N, widths[-1], generator=g)
+            theta, x, target = _mlp_inputs(widths, loss, T, N)
             op, ref = _op("mlp_loss_grad"), _reference("mlp_loss_grad")
             es = theta.element_size()
             return Built(
@@ -346,14 +400,47 @@ def mlp_loss_grad_cases(grid: str, l3: int) -> list[Case]:
                 None if ref is None else (lambda: ref(theta, x, target, widths, "relu", loss)),
                 (theta.numel() + x.numel()) * es + target.numel() * target.element_size(),
                 (T + T * P) * es,
-                flops=6.0 * T * N * macs,
+                flops=2.0 * T * N * (3 * macs - first),
             )
 
         return Case("mlp_loss_grad", f"{name} {widths} {loss} T={T} N={N}", "gemm",
                     "torch.ops.metakernels.mlp_loss_grad",
                     {"T": T, "N": N, "widths": widths, "loss": loss, "P": P}, make)
 
-    return [case(*s) for s in shapes]
+    return [case(*s) for s in _mlp_shapes(grid)]
+
+
+def mlp_loss_grad_backward_cases(grid: str, l3: int) -> list[Case]:
+    """grad_loss * grad + H grad_grad per task (second-order MAML's backward through an MLP inner step), by
+    the R-operator. FLOPs per sample and multiply-add of a layer: forward 2, R-forward 4, backward 4,
+    R-backward 8; the first layer skips the terms of the (zero) input direction and the input gradients:
+    8 there. In all 18 sum(m_l) - 10 m_0."""
+
+    def case(name: str, widths: list[int], loss: str, T: int, N: int) -> Case:
+        P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+        macs, first = _mlp_macs(widths)
+
+        def make() -> Built:
+            theta, x, target = _mlp_inputs(widths, loss, T, N)
+            g = _gen()
+            grad_loss = torch.rand(T, generator=g)
+            grad_grad = torch.randn(T, P, generator=g) * 0.01
+            args = (grad_loss, grad_grad, theta, x, target, widths, "relu", loss)
+            op, ref = _op("mlp_loss_grad_backward"), _reference("mlp_loss_grad_backward")
+            es = theta.element_size()
+            return Built(
+                lambda: op(*args),
+                None if ref is None else (lambda: ref(*args)),
+                (T + 2 * T * P + x.numel()) * es + target.numel() * target.element_size(),
+                T * P * es,
+                flops=2.0 * T * N * (9 * macs - 5 * first),
+            )
+
+        return Case("mlp_loss_grad_backward", f"{name} {widths} {loss} T={T} N={N}", "gemm",
+                    "torch.ops.metakernels.mlp_loss_grad_backward",
+                    {"T": T, "N": N, "widths": widths, "loss": loss, "P": P}, make)
+
+    return [case(*s) for s in _mlp_shapes(grid)]
 
 
 # --- conv_block ------------------------------------------------------------------------------------------
@@ -505,7 +592,9 @@ CASE_BUILDERS: dict[str, Callable[[str, int], list[Case]]] = {
     "inner_step_backward": inner_step_backward_cases,
     "reptile_update": reptile_update_cases,
     "task_linear": task_linear_cases,
+    "task_linear_backward": task_linear_backward_cases,
     "mlp_loss_grad": mlp_loss_grad_cases,
+    "mlp_loss_grad_backward": mlp_loss_grad_backward_cases,
     "conv_block": conv_block_cases,
     "conv_block_backward": conv_block_backward_cases,
     "pcgrad": pcgrad_cases,
