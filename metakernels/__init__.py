@@ -8,7 +8,7 @@ import torch  # noqa: F401  (must precede metakernels._C)
 from ._backend import cpu_backend, extension_available, extension_error
 from .functional import ParameterLayout, TaskParams, task_batched_call
 from .learners import ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, MultiTaskBaseline, Reptile
-from .ops import inner_step, reptile_meta_gradient, reptile_update
+from .ops import inner_step, pcgrad, reptile_meta_gradient, reptile_update
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "extension_available",
     "extension_error",
     "inner_step",
+    "pcgrad",
     "reptile_meta_gradient",
     "reptile_update",
 ]

@@ -1,0 +1,329 @@
+// PCGrad in three stages over a [T, P] batch of task gradients G (row stride ld, unit column stride):
+//   1. gram:         K = G_s G_s^T over the shared columns (runs of columns), one blocked pass over G;
+//   2. coefficients: W [T, T] from K alone (the projection recurrence), single-threaded, O(T^3);
+//   3. combine:      out = c^T G over the shared columns, 1^T G over the others, one pass over G.
+// Torch-free: shared by the PyTorch extension (csrc/cpu/pcgrad.cpp) and C++ tests.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+
+namespace metakernels::kernels::pcgrad {
+
+// A maximal range [begin, end) of shared columns. No mask: the one run [0, P).
+struct Run {
+  int64_t begin;
+  int64_t end;
+};
+
+// 64-byte vectors (GCC/Clang vector extensions): one AVX-512 register with -march=native here, split
+// into narrower registers by the compiler elsewhere. L is the (unaligned, aliasing) load type.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef float L __attribute__((vector_size(64), aligned(4), may_alias));
+  static constexpr int kWidth = 16;
+  // Columns per flush of the float32 accumulators into float64: each lane then sums at most 128 products
+  // in float32 before the partial sums are added in float64, so an entry of K errs by at most
+  // gamma_128 = 128 u (7.6e-6 relative, worst case; ~sqrt(128) u typically) of sum_c |g_a,c g_b,c|,
+  // however large P is. Flushing costs ~8 vector ops per pair per 128 FMA steps.
+  static constexpr int64_t kFlushColumns = 2048;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef double L __attribute__((vector_size(64), aligned(8), may_alias));
+  static constexpr int kWidth = 8;
+  static constexpr int64_t kFlushColumns = 1024;
+};
+
+typedef double D8 __attribute__((vector_size(64)));
+typedef float F8 __attribute__((vector_size(32)));
+
+template <typename T>
+inline typename Simd<T>::V load(const T* p) {
+  return *reinterpret_cast<const typename Simd<T>::L*>(p);
+}
+
+// Adds a register accumulator's lanes into a float64 vector accumulator (float32: both halves widened).
+inline void flush(D8* dst, typename Simd<float>::V acc) {
+  const F8 lo = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7);
+  const F8 hi = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+  *dst += __builtin_convertvector(lo, D8) + __builtin_convertvector(hi, D8);
+}
+inline void flush(D8* dst, typename Simd<double>::V acc) { *dst += acc; }
+
+// Rows per register tile. A 4 x 4 tile keeps 16 accumulators, 4 row vectors and one more in registers (21
+// of AVX-512's 32) and needs 8 loads per 16 FMAs; a diagonal tile (the same 4 rows) 4 loads per 10 FMAs.
+constexpr int kTile = 4;
+
+// acc[i][j] += G[a0 + i, c] * G[b0 + j, c] over n columns (n a multiple of the vector width), starting
+// from and returning to the float accumulators facc[(a0 + i) * rows + b0 + j] (in the working type).
+// DIAG: a0 == b0 and only pairs i <= j are computed.
+template <typename T, int MA, int MB, bool DIAG>
+void gram_tile(const T* g, int64_t ld, int64_t a0, int64_t b0, int64_t c0, int64_t n,
+               typename Simd<T>::V* facc, int64_t rows) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::kWidth;
+  V acc[MA][MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MA; ++i)
+#pragma GCC unroll 8
+    for (int j = DIAG ? i : 0; j < MB; ++j) acc[i][j] = facc[(a0 + i) * rows + b0 + j];
+  const T* pa[MA];
+  const T* pb[MB];
+  for (int i = 0; i < MA; ++i) pa[i] = g + (a0 + i) * ld + c0;
+  for (int j = 0; j < MB; ++j) pb[j] = g + (b0 + j) * ld + c0;
+  for (int64_t c = 0; c < n; c += W) {
+    V a[MA];
+#pragma GCC unroll 8
+    for (int i = 0; i < MA; ++i) a[i] = load(pa[i] + c);
+    if constexpr (DIAG) {
+#pragma GCC unroll 8
+      for (int j = 0; j < MB; ++j)
+#pragma GCC unroll 8
+        for (int i = 0; i <= j; ++i) acc[i][j] += a[i] * a[j];
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < MB; ++j) {
+        const V b = load(pb[j] + c);
+#pragma GCC unroll 8
+        for (int i = 0; i < MA; ++i) acc[i][j] += a[i] * b;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MA; ++i)
+#pragma GCC unroll 8
+    for (int j = DIAG ? i : 0; j < MB; ++j) facc[(a0 + i) * rows + b0 + j] = acc[i][j];
+}
+
+template <typename T>
+using TileFn = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, typename Simd<T>::V*, int64_t);
+
+// off_table<T>()[ma - 1][mb - 1]: the kernel of an ma x mb tile (edge groups are smaller); diag_table<T>()
+// [m - 1]: the kernel of a diagonal m x m tile (pairs i <= j only).
+template <typename T>
+const TileFn<T> (&off_table())[kTile][kTile] {
+  static const TileFn<T> table[kTile][kTile] = {
+      {&gram_tile<T, 1, 1, false>, &gram_tile<T, 1, 2, false>, &gram_tile<T, 1, 3, false>, &gram_tile<T, 1, 4, false>},
+      {&gram_tile<T, 2, 1, false>, &gram_tile<T, 2, 2, false>, &gram_tile<T, 2, 3, false>, &gram_tile<T, 2, 4, false>},
+      {&gram_tile<T, 3, 1, false>, &gram_tile<T, 3, 2, false>, &gram_tile<T, 3, 3, false>, &gram_tile<T, 3, 4, false>},
+      {&gram_tile<T, 4, 1, false>, &gram_tile<T, 4, 2, false>, &gram_tile<T, 4, 3, false>, &gram_tile<T, 4, 4, false>},
+  };
+  return table;
+}
+template <typename T>
+const TileFn<T> (&diag_table())[kTile] {
+  static const TileFn<T> table[kTile] = {&gram_tile<T, 1, 1, true>, &gram_tile<T, 2, 2, true>,
+                                         &gram_tile<T, 3, 3, true>, &gram_tile<T, 4, 4, true>};
+  return table;
+}
+
+// One thread's share of the Gram: the column segments it owns, accumulated into dacc (rows x rows float64
+// vectors, upper triangle) and tail (rows x rows doubles, upper triangle).
+//
+// Loop order: per sub-block of kSub columns of all T rows (T * 4 KiB for float: L2-resident), every tile
+// (ga <= gb) of the T x T grid runs over it, its register accumulators starting from and returning to
+// facc; facc is flushed into float64 every kFlushColumns columns, which bounds the float32 chain of every
+// K entry. Measured on one core of the dev VM (CPU time, min of 5): the 4 x 4 tile runs at ~140 GFLOP/s
+// with its rows in L1 and ~60-70 GFLOP/s streaming them from L2 (T = 16..64), where the L2 -> L1 path
+// (8 vector loads per 16 FMAs) is the limit. Tried and slower here: L1-sized sub-blocks of 128 columns with
+// software prefetch of the next block (~50), and 8 x 2 tiles (~35).
+template <typename T>
+void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& segs, D8* dacc, double* tail) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::kWidth;
+  constexpr int64_t kFlush = Simd<T>::kFlushColumns;
+  constexpr int64_t kSub = kFlush / 2;
+  const int64_t groups = (rows + kTile - 1) / kTile;
+  const auto& diag = diag_table<T>();
+  const auto& off = off_table<T>();
+  std::vector<V> facc(rows * rows, V{});
+  for (const Run& seg : segs) {
+    const int64_t vec_end = seg.begin + (seg.end - seg.begin) / W * W;
+    for (int64_t f0 = seg.begin; f0 < vec_end; f0 += kFlush) {
+      const int64_t f1 = std::min(vec_end, f0 + kFlush);
+      for (int64_t s0 = f0; s0 < f1; s0 += kSub) {
+        const int64_t n = std::min(f1, s0 + kSub) - s0;
+        for (int64_t ga = 0; ga < groups; ++ga) {
+          const int64_t a0 = ga * kTile;
+          const int ma = static_cast<int>(std::min<int64_t>(kTile, rows - a0));
+          diag[ma - 1](g, ld, a0, a0, s0, n, facc.data(), rows);
+          for (int64_t gb = ga + 1; gb < groups; ++gb) {
+            const int64_t r0 = gb * kTile;
+            const int mb = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
+            off[ma - 1][mb - 1](g, ld, a0, r0, s0, n, facc.data(), rows);
+          }
+        }
+      }
+      for (int64_t a = 0; a < rows; ++a)
+        for (int64_t b = a; b < rows; ++b) {
+          flush(&dacc[a * rows + b], facc[a * rows + b]);
+          facc[a * rows + b] = V{};
+        }
+    }
+    // The last < W columns of the segment: scalar, straight into float64.
+    for (int64_t a = 0; a < rows; ++a)
+      for (int64_t b = a; b < rows; ++b) {
+        double s = 0.0;
+        for (int64_t c = vec_end; c < seg.end; ++c) s += double(g[a * ld + c]) * double(g[b * ld + c]);
+        tail[a * rows + b] += s;
+      }
+  }
+}
+
+// The columns of shared index [lo, hi) (the shared columns numbered 0..S-1 in order) as segments.
+inline std::vector<Run> shared_slice(const std::vector<Run>& runs, int64_t lo, int64_t hi) {
+  std::vector<Run> out;
+  int64_t seen = 0;
+  for (const Run& r : runs) {
+    const int64_t len = r.end - r.begin;
+    const int64_t s = std::max(lo, seen), e = std::min(hi, seen + len);
+    if (s < e) out.push_back({r.begin + (s - seen), r.begin + (e - seen)});
+    seen += len;
+    if (seen >= hi) break;
+  }
+  return out;
+}
+
+// K [rows x rows] (row-major, float64, both triangles) = G_s G_s^T over the columns in runs.
+// Threads split the shared columns evenly; each accumulates privately and the partial Grams are added in
+// thread order (deterministic for a given thread count).
+template <typename T>
+void gram(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& runs, double* K, int num_threads) {
+  int64_t shared = 0;
+  for (const Run& r : runs) shared += r.end - r.begin;
+  const int nt = effective_threads(rows * rows, shared, num_threads);
+  std::vector<std::vector<double>> partial(nt, std::vector<double>(rows * rows, 0.0));
+  run_team(nt, [&](int tid, int team) {
+    // Even shares rounded to whole cache lines (64 bytes) so that threads do not split a line.
+    constexpr int64_t kAlign = 64 / sizeof(T);
+    const int64_t chunk = ((shared + team - 1) / team + kAlign - 1) / kAlign * kAlign;
+    const int64_t lo = std::min(shared, tid * chunk), hi = std::min(shared, lo + chunk);
+    std::vector<D8> dacc(rows * rows, D8{});
+    std::vector<double>& mine = partial[tid];
+    if (lo < hi) gram_segments<T>(g, rows, ld, shared_slice(runs, lo, hi), dacc.data(), mine.data());
+    for (int64_t a = 0; a < rows; ++a)
+      for (int64_t b = a; b < rows; ++b) {
+        const D8 v = dacc[a * rows + b];
+        double s = 0.0;
+        for (int l = 0; l < 8; ++l) s += v[l];
+        mine[a * rows + b] += s;
+      }
+  });
+  for (int64_t a = 0; a < rows; ++a)
+    for (int64_t b = a; b < rows; ++b) {
+      double s = 0.0;
+      for (int t = 0; t < nt; ++t) s += partial[t][a * rows + b];
+      K[a * rows + b] = s;
+      K[b * rows + a] = s;
+    }
+}
+
+// W [rows x rows] from K: W = I; for each i, for j in order[i] (j = i skipped unless include_self):
+// d = W[i] . K[:, j]; if d < 0 and K[j, j] + eps > 0: W[i, j] -= d / (K[j, j] + eps).
+// d < 0 implies g_j != 0 in exact arithmetic; the denominator test keeps 0/0 out all the same (a g_j whose
+// squares underflow). Rows are independent; each is T steps of a T-term dot product.
+inline void coefficients(const double* K, int64_t rows, const int64_t* order, bool include_self, double eps,
+                         double* Wm) {
+  std::fill(Wm, Wm + rows * rows, 0.0);
+  for (int64_t i = 0; i < rows; ++i) {
+    double* w = Wm + i * rows;
+    w[i] = 1.0;
+    for (int64_t s = 0; s < rows; ++s) {
+      const int64_t j = order[i * rows + s];
+      if (j == i && !include_self) continue;
+      double d = 0.0;
+      for (int64_t m = 0; m < rows; ++m) d += w[m] * K[m * rows + j];
+      const double denominator = K[j * rows + j] + eps;
+      if (d < 0.0 && denominator > 0.0) w[j] -= d / denominator;
+    }
+  }
+}
+
+// out[c] = sum_i coef[i] G[i, c] on the shared columns (runs), sum_i G[i, c] on the others, accumulated
+// in A (float for float32: T terms, error <= gamma_T of sum_i |coef_i G[i, c]|). Returns false if a
+// task-specific column's sum is NaN or inf (the shared columns are checked through K's diagonal).
+template <typename T, typename A>
+bool combine(const T* g, int64_t rows, int64_t cols, int64_t ld, const A* coef, const std::vector<Run>& runs,
+             bool all_shared, T* out, int num_threads) {
+  // Column tile: the accumulators (16 KiB of float) stay in L1 while 4 rows at a time stream through.
+  constexpr int64_t kTileCols = 4096;
+  const int nt = effective_threads(rows, cols, num_threads);
+  std::vector<A> ones(rows, A(1));
+  std::vector<int> bad(nt, 0);
+  run_team(nt, [&](int tid, int team) {
+    int64_t begin, end;
+    constexpr int64_t kAlign = 64 / sizeof(T);
+    const int64_t chunk = ((cols + team - 1) / team + kAlign - 1) / kAlign * kAlign;
+    begin = std::min(cols, tid * chunk);
+    end = std::min(cols, begin + chunk);
+    alignas(64) A acc[kTileCols];
+    A nonfinite = A(0);  // x - x is 0 for finite x, NaN for NaN/inf: one vectorisable flag
+    // The first run ending after `begin`.
+    size_t r = std::upper_bound(runs.begin(), runs.end(), begin, [](int64_t c, const Run& run) { return c < run.end; }) -
+               runs.begin();
+    for (int64_t c0 = begin; c0 < end;) {
+      // The next stretch [c0, c1) of one kind: shared (inside run r) or task-specific (before run r).
+      bool is_shared;
+      int64_t c1;
+      if (all_shared) {
+        is_shared = true;
+        c1 = end;
+      } else if (r < runs.size() && runs[r].begin <= c0) {
+        is_shared = true;
+        c1 = std::min(end, runs[r].end);
+      } else {
+        is_shared = false;
+        c1 = std::min(end, r < runs.size() ? runs[r].begin : end);
+      }
+      c1 = std::min(c1, c0 + kTileCols);
+      const int64_t n = c1 - c0;
+      const A* w = is_shared ? coef : ones.data();
+      std::fill(acc, acc + n, A(0));
+      int64_t i = 0;
+      for (; i + 4 <= rows; i += 4) {
+        const T* __restrict r0 = g + i * ld + c0;
+        const T* __restrict r1 = r0 + ld;
+        const T* __restrict r2 = r1 + ld;
+        const T* __restrict r3 = r2 + ld;
+        const A w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c)
+          acc[c] += w0 * A(r0[c]) + w1 * A(r1[c]) + w2 * A(r2[c]) + w3 * A(r3[c]);
+      }
+      for (; i < rows; ++i) {
+        const T* __restrict r0 = g + i * ld + c0;
+        const A w0 = w[i];
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) acc[c] += w0 * A(r0[c]);
+      }
+      T* __restrict o = out + c0;
+      if (is_shared) {
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) o[c] = T(acc[c]);
+      } else {
+#pragma omp simd reduction(+ : nonfinite)
+        for (int64_t c = 0; c < n; ++c) {
+          o[c] = T(acc[c]);
+          nonfinite += acc[c] - acc[c];
+        }
+      }
+      c0 = c1;
+      if (!all_shared && r < runs.size() && c0 >= runs[r].end) ++r;
+    }
+    bad[tid] = !(nonfinite == A(0));
+  });
+  for (int b : bad)
+    if (b) return false;
+  return true;
+}
+
+}  // namespace metakernels::kernels::pcgrad
