@@ -54,7 +54,7 @@ def test_every_available_op_has_profiler_cases():
 
 def test_json_has_every_op_and_sane_rows(tiny_run):
     _, data, _ = tiny_run
-    assert set(data) >= {"tool", "machine", "versions", "config", "ops", "results"}
+    assert set(data) >= {"tool", "run", "machine", "versions", "config", "ops", "results"}
     assert data["ops"]["available"] == C.available_ops()
     assert data["ops"]["profiled"] == _profiled_ops()
     assert set(_profiled_ops()) >= {"inner_step", "inner_step_backward", "inner_step_out", "reptile_update"}
@@ -82,9 +82,9 @@ def test_json_has_every_op_and_sane_rows(tiny_run):
         if C._reference(r["op"]) is not None:
             assert r["reference_error"] is None, (where, r["reference_error"])
             assert r["speedup_vs_reference"] > 0 and r["reference_us"] > 0, where
-    info = machine["info"]
-    assert info["git_commit"] and info["torch_version"] == torch.__version__
-    assert info["l3_bytes"] == machine["l3_bytes"] > 0
+    run = data["run"]
+    assert run["git_commit"] and run["torch_version"] == torch.__version__ and run["torch_threads"] == 1
+    assert machine["info"]["l3_bytes"] == machine["l3_bytes"] > 0
     for level in ("cache", "dram"):
         assert all(machine[level][p]["gbps"] > 0 for p in M.PATTERNS)
     assert data["versions"]["torch"] and data["config"]["grid"] == "tiny" and data["config"]["threads"] == 1
@@ -93,7 +93,7 @@ def test_json_has_every_op_and_sane_rows(tiny_run):
 def test_csv_matches_json(tiny_run):
     out, data, _ = tiny_run
     text = (out / "profile.csv").read_text()
-    assert text.startswith("# metakernels profile |") and data["machine"]["info"]["git_commit"] in text.splitlines()[0]
+    assert text.startswith("# metakernels profile |") and data["run"]["git_commit"] in text.splitlines()[0]
     rows = read_csv(out / "profile.csv")
     assert [(r["op"], r["case"]) for r in rows] == [(r["op"], r["case"]) for r in data["results"]]
     for r, j in zip(rows, data["results"], strict=True):
@@ -228,3 +228,17 @@ def test_regimes():
     machine = {"l3_bytes": l3, "cache": {"triad": {"gbps": 40.0}}, "dram": {"triad": {"gbps": 20.0}}}
     assert M.roofline(machine, 10 * M.MIB, "triad") == ("cache.triad", 40.0, "cache")
     assert M.roofline(machine, 700 * M.MIB, "triad") == ("dram.triad", 20.0, "dram")
+
+
+def test_reuses_a_machine_measurement(tiny_run, tmp_path, capsys):
+    out, data, _ = tiny_run
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["profile", "--tiny", "--ops", "reptile_update", "--threads", "1", "--no-plot",
+                   "--machine-json", str(out / "profile.json"), "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0 and "measuring the machine" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "profile.json").read_text())
+    assert again["machine"] == data["machine"]
+    assert {r["op"] for r in again["results"]} == {"reptile_update"}

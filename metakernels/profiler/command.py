@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import cases as C
-from .machine import MIB, format_machine, load_json, measure_machine, wait_for_quiet
+from .machine import MIB, format_machine, load_json, machine_info, measure_machine, wait_for_quiet
 from .report import format_table, write_csv, write_json
 from .runner import run_cases, set_threads, trace_pass
 
@@ -44,7 +44,9 @@ def profile(
         echo: where progress and the table go (None: silent).
 
     Returns:
-        {"machine", "rows", "ops", "paths"}: paths maps "json", "csv", "png", "trace" to files written.
+        {"machine", "run", "rows", "ops", "paths", "errors"}: run is this run's identity (commit, date, versions,
+        threads, load: machine's "info" is the measurement's, which may come from an earlier run); paths maps
+        "json", "csv", "png", "trace" to the files written; errors counts the cases whose op raised.
 
     Raises:
         ValueError: an unknown grid or op, or threads < 1.
@@ -58,6 +60,7 @@ def profile(
         machine = load_json(machine)
     if machine is not None and "machine" in machine:
         machine = machine["machine"]  # a profile.json holds the measurement under "machine"
+    run = machine_info()  # this run's commit, date and load, whether or not the machine is measured now
     if machine is None:
         say("measuring the machine (bandwidth: cache-resident and DRAM working sets; fp32 GEMM) ...")
         machine = measure_machine(**TINY_MACHINE) if grid == "tiny" else measure_machine(quick=grid != "full")
@@ -76,7 +79,7 @@ def profile(
             "(add them to metakernels/profiler/cases.py CASE_BUILDERS)")
     say(f"timing {len(cases)} cases ({grid} grid, {n_threads} threads) ...")
     rows = run_cases(cases, machine, grid, reference=reference, progress=say if grid != "tiny" else None)
-    machine["info"]["load_average_1m_end"] = os.getloadavg()[0]
+    run["load_average_1m_end"] = os.getloadavg()[0]
     say("")
     say(format_table(rows))
     out = Path(out)
@@ -89,14 +92,13 @@ def profile(
         "dtype": "float32",
         "cpu_backend": _cpu_backend(),
     }
-    paths = {"json": write_json(out / "profile.json", machine, config, rows, op_lists),
-             "csv": write_csv(out / "profile.csv", machine, rows)}
+    paths = {"json": write_json(out / "profile.json", machine, run, config, rows, op_lists),
+             "csv": write_csv(out / "profile.csv", run, rows)}
     if plot:
         from .plot import plot_profile
 
-        info = machine["info"]
-        title = (f"metakernels profile ({grid}) | {info['cpu_model']} | {n_threads} threads | torch "
-                 f"{info['torch_version']} | commit {info['git_commit'][:10]}")
+        title = (f"metakernels profile ({grid}) | {run['cpu_model']} | {n_threads} threads | torch "
+                 f"{run['torch_version']} | commit {run['git_commit'][:10]}{' (dirty)' if run['git_dirty'] else ''}")
         png = plot_profile(rows, out / "profile.png", title=title)
         if png is not None:
             paths["png"] = png
@@ -106,7 +108,7 @@ def profile(
     errors = [r for r in rows if r.get("error")]
     if errors:
         say(f"{len(errors)} of {len(rows)} cases failed (see ERROR above; their rows carry the error)")
-    return {"machine": machine, "rows": rows, "ops": op_lists, "paths": paths, "errors": len(errors)}
+    return {"machine": machine, "run": run, "rows": rows, "ops": op_lists, "paths": paths, "errors": len(errors)}
 
 
 def _cpu_backend() -> str | None:

@@ -96,41 +96,43 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _header_line(machine: dict) -> str:
-    info = machine["info"]
-    dirty = " dirty" if info.get("git_dirty") else ""
+def _header_line(run: dict) -> str:
+    dirty = " dirty" if run.get("git_dirty") else ""
     return (
-        f"# metakernels profile | {info['cpu_model']} | torch {info['torch_version']} | torch threads "
-        f"{info['torch_threads']} | metakernels {info.get('metakernels_version')} ({info.get('cpu_backend')}) | "
-        f"commit {info['git_commit']}{dirty} | {info['date']} | load {info['load_average_1m']:.2f}"
+        f"# metakernels profile | {run['cpu_model']} | torch {run['torch_version']} | torch threads "
+        f"{run['torch_threads']} | metakernels {run.get('metakernels_version')} ({run.get('cpu_backend')}) | "
+        f"commit {run['git_commit']}{dirty} | {run['date']} | load {run['load_average_1m']:.2f}"
     )
 
 
-def write_json(path: str | os.PathLike, machine: dict, config: dict, rows: list[dict], ops: dict) -> Path:
-    """profile.json: {"tool", "machine", "versions", "config", "ops", "results"}.
+def write_json(
+    path: str | os.PathLike, machine: dict, run: dict, config: dict, rows: list[dict], ops: dict
+) -> Path:
+    """profile.json: {"tool", "run", "machine", "versions", "config", "ops", "results"}.
 
     Args:
         path: the file to write.
-        machine: a measure_machine() result (identity, commit, rooflines).
+        machine: a measure_machine() result (the rooflines, and the identity of the run that measured them).
+        run: machine_info() of this run (commit, date, threads, load).
         config: the run's settings (grid, threads, ...).
         rows: the profile rows.
         ops: {"available", "profiled", "without_cases"} op name lists.
     """
     path = Path(path)
     save_json(
-        {"tool": "metakernels profile", "machine": machine, "versions": versions(), "config": config, "ops": ops,
-         "results": rows},
+        {"tool": "metakernels profile", "run": run, "machine": machine, "versions": versions(), "config": config,
+         "ops": ops, "results": rows},
         path,
     )
     return path
 
 
-def write_csv(path: str | os.PathLike, machine: dict, rows: list[dict]) -> Path:
-    """profile.csv: one comment line (machine, versions, commit), a header, one row per case."""
+def write_csv(path: str | os.PathLike, run: dict, rows: list[dict]) -> Path:
+    """profile.csv: one comment line (machine, versions, commit of this run), a header, one row per case."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        f.write(_header_line(machine) + "\n")
+        f.write(_header_line(run) + "\n")
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
