@@ -1,0 +1,370 @@
+// The loss of an MLP, its gradient, and Hessian-vector products, for T tasks with their own flat weights.
+// Torch-free.
+//
+// Model (nn.Sequential of Linear layers with an activation after every one but the last):
+//   h_0 = x;  z_l = h_{l-1} W_l^T + b_l;  h_l = act(z_l) (l < L);  prediction z_L.
+// theta [P] holds, layer by layer, W_l [out, in] row-major then b_l [out] (nn.Sequential's parameter order).
+// Losses: mse = mean over N * w_L of (z_L - y)^2 (F.mse_loss); cross_entropy = mean over N of
+// logsumexp(z_L[n]) - z_L[n, y_n] (F.cross_entropy).
+//
+// Gradient (backprop): d_L = dloss/dz_L;  gW_l = d_l^T h_{l-1};  gb_l = sum_n d_l;
+//                      dh_{l-1} = d_l W_l;  d_{l-1} = dh_{l-1} * act'(z_{l-1}).
+// Hessian-vector product H v for v = (V_l, c_l) (Pearlmutter's R-operator, forward-over-reverse):
+//   R-forward:  Rz_l = Rh_{l-1} W_l^T + h_{l-1} V_l^T + c_l,  Rh_l = act'(z_l) * Rz_l,  Rh_0 = 0;
+//   loss:       Rd_L = loss''(z_L) Rz_L (mse: 2 Rz / (N w_L); cross entropy: p * (Rz - <p, Rz>) / N per sample);
+//   R-backward: R gW_l = Rd_l^T h_{l-1} + d_l^T Rh_{l-1},  R gb_l = sum_n Rd_l,
+//               Rdh_{l-1} = Rd_l W_l + d_l V_l,
+//               Rd_{l-1} = Rdh_{l-1} * act'(z) + dh_{l-1} * act''(z) * Rz_{l-1},
+//   where act''(z) Rz = -2 h Rh for tanh (h = tanh z, Rh = (1 - h^2) Rz) and 0 for relu and identity.
+// The op's backward needs g_loss * grad + H g_grad; with E_l = Rd_l + g_loss d_l both come out of the same
+// products: out W_l = E_l^T h_{l-1} + d_l^T Rh_{l-1}, out b_l = sum_n E_l.
+//
+// Layout: activations are kept feature-major, h^T [w, N]. Then every forward and backward product reads
+// W or W^T through A's strides and needs no transposed copy of a weight matrix (a weight has w^2
+// elements, an activation w N, and N is small in few-shot learning): the forward computes z^T = W h^T,
+// the backward dh^T = W^T d^T, vectorised along N; the weight gradients d^T h read h sample-major, one
+// transposed copy of an activation per layer.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "parallel.h"
+#include "small_gemm.h"
+
+namespace metakernels::kernels {
+
+enum class Loss : int { kMse = 0, kCrossEntropy = 1 };
+
+struct MlpSpec {
+  int64_t num_layers = 0;             // L
+  const int64_t* widths = nullptr;    // [L + 1]
+  int64_t samples = 0;                // N per task
+  Activation act = Activation::kRelu;
+  Loss loss = Loss::kMse;
+
+  int64_t in(int64_t l) const { return widths[l]; }
+  int64_t out(int64_t l) const { return widths[l + 1]; }
+  int64_t max_width() const { return *std::max_element(widths, widths + num_layers + 1); }
+  int64_t num_params() const {
+    int64_t p = 0;
+    for (int64_t l = 0; l < num_layers; ++l) p += out(l) * in(l) + out(l);
+    return p;
+  }
+  // Elements of h^T for l = 0..L (x^T, the hidden activations, and z_L^T).
+  int64_t activation_elems() const {
+    int64_t e = 0;
+    for (int64_t l = 0; l <= num_layers; ++l) e += widths[l] * samples;
+    return e;
+  }
+  // Multiply-adds of one task's forward pass.
+  int64_t forward_macs() const {
+    int64_t m = 0;
+    for (int64_t l = 0; l < num_layers; ++l) m += samples * in(l) * out(l);
+    return m;
+  }
+};
+
+// Pointers into one task's part of the per-thread scratch.
+template <typename T>
+struct MlpWorkspace {
+  std::vector<T*> h;   // h[l]: h_l^T [w_l, N], l = 0..L (h[L] = z_L^T)
+  std::vector<T*> rh;  // rh[l]: Rh_l^T [w_l, N], l = 1..L (rh[L] = Rz_L^T); HVP only
+  T* d[2] = {nullptr, nullptr};   // d^T ping-pong [max_w, N]
+  T* rd[2] = {nullptr, nullptr};  // Rd^T ping-pong (HVP)
+  T* e = nullptr;                 // E^T (HVP)
+  T* hs = nullptr;                // h_{l-1} sample-major [N, max_w]
+  T* rhs = nullptr;               // Rh_{l-1} sample-major (HVP)
+
+  static int64_t elems(const MlpSpec& s, bool hvp) {
+    const int64_t w = s.max_width() * s.samples;
+    const int64_t acts = s.activation_elems();
+    return hvp ? 2 * acts + 5 * w + 2 * w : acts + 2 * w + w;
+  }
+
+  MlpWorkspace(const MlpSpec& s, T* base, bool hvp) : h(s.num_layers + 1), rh(s.num_layers + 1, nullptr) {
+    const int64_t w = s.max_width() * s.samples;
+    T* p = base;
+    for (int64_t l = 0; l <= s.num_layers; ++l) h[l] = p, p += s.widths[l] * s.samples;
+    if (hvp) {
+      rh[0] = nullptr;  // Rh_0 = 0: never materialised
+      for (int64_t l = 1; l <= s.num_layers; ++l) rh[l] = p, p += s.widths[l] * s.samples;
+    }
+    d[0] = p, p += w;
+    d[1] = p, p += w;
+    hs = p, p += w;
+    if (hvp) {
+      rd[0] = p, p += w;
+      rd[1] = p, p += w;
+      e = p, p += w;
+      rhs = p, p += w;
+    }
+  }
+};
+
+// Offset of layer l's weight in theta (its bias follows the weight).
+inline std::vector<int64_t> mlp_weight_offsets(const MlpSpec& s) {
+  std::vector<int64_t> off(s.num_layers);
+  int64_t p = 0;
+  for (int64_t l = 0; l < s.num_layers; ++l) off[l] = p, p += s.out(l) * s.in(l) + s.out(l);
+  return off;
+}
+
+// h[l + 1] (+)= W^T-product helpers -------------------------------------------------------------------
+
+// C^T [out, N] = init + M [out, in] . B^T [in, N]: the forward product with the weight-shaped matrix M.
+template <typename T, typename Gemm>
+inline void forward_product(const Gemm& gemm, const T* m, const T* bt, T* ct, int64_t in, int64_t out, int64_t n,
+                            GemmInit init, const T* bias) {
+  GemmArgs<T> g;
+  g.m = out, g.n = n, g.k = in;
+  g.a = m, g.a_rs = in, g.a_cs = 1;
+  g.b = bt, g.ldb = n;
+  g.c = ct, g.ldc = n;
+  g.init = init, g.bias = bias;
+  gemm(g);
+}
+
+// C^T [in, N] = init + M^T [in, out] . D^T [out, N]: the backward product through the weight-shaped M.
+template <typename T, typename Gemm>
+inline void backward_product(const Gemm& gemm, const T* m, const T* dt, T* ct, int64_t in, int64_t out, int64_t n,
+                             GemmInit init) {
+  GemmArgs<T> g;
+  g.m = in, g.n = n, g.k = out;
+  g.a = m, g.a_rs = 1, g.a_cs = in;
+  g.b = dt, g.ldb = n;
+  g.c = ct, g.ldc = n;
+  g.init = init;
+  gemm(g);
+}
+
+// G [out, in] = init + D^T [out, N] . H [N, in] (H sample-major, leading dimension ldh).
+template <typename T, typename Gemm>
+inline void weight_product(const Gemm& gemm, const T* dt, const T* h, int64_t ldh, T* gw, int64_t in, int64_t out,
+                           int64_t n, GemmInit init) {
+  GemmArgs<T> g;
+  g.m = out, g.n = in, g.k = n;
+  g.a = dt, g.a_rs = n, g.a_cs = 1;
+  g.b = h, g.ldb = ldh;
+  g.c = gw, g.ldc = in;
+  g.init = init;
+  gemm(g);
+}
+
+// gb[o] = sum_n D^T[o, n].
+template <typename T>
+inline void row_sums(const T* dt, T* gb, int64_t out, int64_t n) {
+  for (int64_t o = 0; o < out; ++o) {
+    const T* row = dt + o * n;
+    T s = T(0);
+    for (int64_t i = 0; i < n; ++i) s += row[i];
+    gb[o] = s;
+  }
+}
+
+// Forward pass of one task: fills ws.h[0..L].
+template <typename T, typename Gemm, typename Tanh>
+void mlp_forward_task(const MlpSpec& s, const std::vector<int64_t>& off, const T* theta, const T* x,
+                      MlpWorkspace<T>& ws, const Gemm& gemm, const Tanh& tanh_fn) {
+  const int64_t n = s.samples;
+  transpose(x, n, s.widths[0], s.widths[0], ws.h[0], n);
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    const T* w = theta + off[l];
+    const T* b = w + s.out(l) * s.in(l);
+    forward_product(gemm, w, ws.h[l], ws.h[l + 1], s.in(l), s.out(l), n, GemmInit::kRowBias, b);
+    if (l + 1 < s.num_layers) apply_activation(s.act, ws.h[l + 1], s.out(l) * n, tanh_fn);
+  }
+}
+
+// The loss of one task from z_L^T and dT = dloss/dz_L^T. Sums in double.
+template <typename T>
+T loss_and_output_grad(const MlpSpec& s, const T* zt, const T* target, const int64_t* labels, T* dt) {
+  const int64_t n = s.samples, k = s.widths[s.num_layers];
+  if (s.loss == Loss::kMse) {
+    const T scale = T(2) / T(n * k);
+    double sum = 0.0;
+    for (int64_t o = 0; o < k; ++o) {
+      for (int64_t i = 0; i < n; ++i) {
+        const T diff = zt[o * n + i] - target[i * k + o];
+        sum += double(diff) * double(diff);
+        dt[o * n + i] = scale * diff;
+      }
+    }
+    return T(sum / double(n * k));
+  }
+  // cross entropy: one sample is a column of z^T
+  double sum = 0.0;
+  const T inv_n = T(1) / T(n);
+  for (int64_t i = 0; i < n; ++i) {
+    T mx = zt[i];
+    for (int64_t o = 1; o < k; ++o) mx = std::max(mx, zt[o * n + i]);
+    T se = T(0);
+    for (int64_t o = 0; o < k; ++o) {
+      const T ex = std::exp(zt[o * n + i] - mx);
+      dt[o * n + i] = ex;
+      se += ex;
+    }
+    const int64_t y = labels[i];
+    sum += double(mx) + std::log(double(se)) - double(zt[y * n + i]);
+    for (int64_t o = 0; o < k; ++o) dt[o * n + i] = (dt[o * n + i] / se - (o == y ? T(1) : T(0))) * inv_n;
+  }
+  return T(sum / double(n));
+}
+
+// Rd_L^T = loss''(z_L) Rz_L^T, given d_L^T (cross entropy recovers the softmax p from it: p = N d + onehot).
+template <typename T>
+void loss_hessian_product(const MlpSpec& s, const T* dt, const int64_t* labels, const T* rzt, T* rdt) {
+  const int64_t n = s.samples, k = s.widths[s.num_layers];
+  if (s.loss == Loss::kMse) {
+    const T scale = T(2) / T(n * k);
+    for (int64_t j = 0; j < k * n; ++j) rdt[j] = scale * rzt[j];
+    return;
+  }
+  const T inv_n = T(1) / T(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t y = labels[i];
+    T dot = T(0);
+    for (int64_t o = 0; o < k; ++o) {
+      const T p = dt[o * n + i] * T(n) + (o == y ? T(1) : T(0));
+      rdt[o * n + i] = p;  // p, for now
+      dot += p * rzt[o * n + i];
+    }
+    for (int64_t o = 0; o < k; ++o) rdt[o * n + i] = rdt[o * n + i] * (rzt[o * n + i] - dot) * inv_n;
+  }
+}
+
+// Loss and gradient of one task.
+template <typename T, typename Gemm, typename Tanh>
+void mlp_loss_grad_task(const MlpSpec& s, const std::vector<int64_t>& off, const T* theta, const T* x,
+                        const T* target, const int64_t* labels, T* loss, T* grad, MlpWorkspace<T>& ws,
+                        const Gemm& gemm, const Tanh& tanh_fn) {
+  const int64_t n = s.samples, L = s.num_layers;
+  mlp_forward_task(s, off, theta, x, ws, gemm, tanh_fn);
+  T* dt = ws.d[0];
+  T* next = ws.d[1];
+  *loss = loss_and_output_grad(s, ws.h[L], target, labels, dt);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t in = s.in(l), out = s.out(l);
+    const T* w = theta + off[l];
+    T* gw = grad + off[l];
+    // h_{l-1} sample-major for the weight gradient (the input x already is)
+    const T* hs = x;
+    if (l > 0) {
+      transpose(ws.h[l], in, n, n, ws.hs, in);
+      hs = ws.hs;
+    }
+    weight_product(gemm, dt, hs, in, gw, in, out, n, GemmInit::kZero);
+    row_sums(dt, gw + out * in, out, n);
+    if (l > 0) {
+      backward_product(gemm, w, dt, next, in, out, n, GemmInit::kZero);
+      multiply_by_slope(s.act, next, ws.h[l], in * n);
+      std::swap(dt, next);
+    }
+  }
+}
+
+// out = g_loss * grad + H v for one task (grad and H of this task's loss in its theta).
+template <typename T, typename Gemm, typename Tanh>
+void mlp_hvp_task(const MlpSpec& s, const std::vector<int64_t>& off, const T* theta, const T* x, const T* target,
+                  const int64_t* labels, const T* v, T g_loss, T* result, MlpWorkspace<T>& ws, const Gemm& gemm,
+                  const Tanh& tanh_fn) {
+  const int64_t n = s.samples, L = s.num_layers;
+  mlp_forward_task(s, off, theta, x, ws, gemm, tanh_fn);
+  // R-forward
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t in = s.in(l), out = s.out(l);
+    const T* vw = v + off[l];
+    forward_product(gemm, vw, ws.h[l], ws.rh[l + 1], in, out, n, GemmInit::kRowBias, vw + out * in);
+    if (l > 0) forward_product(gemm, theta + off[l], ws.rh[l], ws.rh[l + 1], in, out, n, GemmInit::kAccumulate,
+                               static_cast<const T*>(nullptr));
+    if (l + 1 < L) multiply_by_slope(s.act, ws.rh[l + 1], ws.h[l + 1], out * n);
+  }
+  T* dt = ws.d[0];
+  T* rdt = ws.rd[0];
+  T* dh = ws.d[1];
+  T* rdh = ws.rd[1];
+  loss_and_output_grad(s, ws.h[L], target, labels, dt);
+  loss_hessian_product(s, dt, labels, ws.rh[L], rdt);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t in = s.in(l), out = s.out(l);
+    const T* w = theta + off[l];
+    const T* vw = v + off[l];
+    T* rw = result + off[l];
+    // E = Rd + g_loss d
+    for (int64_t j = 0; j < out * n; ++j) ws.e[j] = rdt[j] + g_loss * dt[j];
+    const T* hs = x;
+    if (l > 0) {
+      transpose(ws.h[l], in, n, n, ws.hs, in);
+      transpose(ws.rh[l], in, n, n, ws.rhs, in);
+      hs = ws.hs;
+    }
+    weight_product(gemm, ws.e, hs, in, rw, in, out, n, GemmInit::kZero);
+    if (l > 0) weight_product(gemm, dt, ws.rhs, in, rw, in, out, n, GemmInit::kAccumulate);
+    row_sums(ws.e, rw + out * in, out, n);
+    if (l == 0) break;
+    backward_product(gemm, w, dt, dh, in, out, n, GemmInit::kZero);
+    backward_product(gemm, w, rdt, rdh, in, out, n, GemmInit::kZero);
+    backward_product(gemm, vw, dt, rdh, in, out, n, GemmInit::kAccumulate);
+    const T* h = ws.h[l];
+    const T* rh = ws.rh[l];
+    const int64_t m = in * n;
+    switch (s.act) {
+      case Activation::kIdentity:
+        break;
+      case Activation::kRelu:
+        for (int64_t j = 0; j < m; ++j) {
+          const bool on = h[j] > T(0);
+          rdh[j] = on ? rdh[j] : T(0);
+          dh[j] = on ? dh[j] : T(0);
+        }
+        break;
+      case Activation::kTanh:
+        for (int64_t j = 0; j < m; ++j) {
+          const T slope = T(1) - h[j] * h[j];
+          rdh[j] = rdh[j] * slope - T(2) * dh[j] * h[j] * rh[j];
+          dh[j] = dh[j] * slope;
+        }
+        break;
+    }
+    std::swap(dt, dh);
+    std::swap(rdt, rdh);
+  }
+}
+
+// --- drivers over tasks ------------------------------------------------------------------------------
+
+// loss [T], grad [T, P] for T tasks: theta [T, P], x [T, N, w_0], target [T, N, w_L] (mse) or labels [T, N].
+template <typename T, typename Gemm, typename Tanh>
+void mlp_loss_grad(const MlpSpec& s, int64_t tasks, const T* theta, const T* x, const T* target,
+                   const int64_t* labels, T* loss, T* grad, int threads, const Gemm& gemm, const Tanh& tanh_fn) {
+  const std::vector<int64_t> off = mlp_weight_offsets(s);
+  const int64_t P = s.num_params(), n = s.samples, w0 = s.widths[0], wl = s.widths[s.num_layers];
+  const int64_t elems = MlpWorkspace<T>::elems(s, false);
+  const int nt = task_threads(tasks, 6 * s.forward_macs(), threads);
+  for_each_task<T>(tasks, elems, nt, [&](int64_t t, T* scratch) {
+    MlpWorkspace<T> ws(s, scratch, false);
+    mlp_loss_grad_task(s, off, theta + t * P, x + t * n * w0, target ? target + t * n * wl : nullptr,
+                       labels ? labels + t * n : nullptr, loss + t, grad + t * P, ws, gemm, tanh_fn);
+  });
+}
+
+// result [T, P] = g_loss[t] * grad_t + H_t v_t; g_loss may be null (zero).
+template <typename T, typename Gemm, typename Tanh>
+void mlp_hvp(const MlpSpec& s, int64_t tasks, const T* theta, const T* x, const T* target, const int64_t* labels,
+             const T* v, const T* g_loss, T* result, int threads, const Gemm& gemm, const Tanh& tanh_fn) {
+  const std::vector<int64_t> off = mlp_weight_offsets(s);
+  const int64_t P = s.num_params(), n = s.samples, w0 = s.widths[0], wl = s.widths[s.num_layers];
+  const int64_t elems = MlpWorkspace<T>::elems(s, true);
+  const int nt = task_threads(tasks, 16 * s.forward_macs(), threads);
+  for_each_task<T>(tasks, elems, nt, [&](int64_t t, T* scratch) {
+    MlpWorkspace<T> ws(s, scratch, true);
+    mlp_hvp_task(s, off, theta + t * P, x + t * n * w0, target ? target + t * n * wl : nullptr,
+                 labels ? labels + t * n : nullptr, v + t * P, g_loss ? g_loss[t] : T(0), result + t * P, ws, gemm,
+                 tanh_fn);
+  });
+}
+
+}  // namespace metakernels::kernels
