@@ -12,52 +12,46 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import vmap
 
-from ..functional.batched_call import task_batched_call
+from ..functional.batched_call import fused_dtype_supported, task_batched_call
+from ..functional.fused_model import build_plan, mlp_spec, run_plan
 from ..functional.task_params import ParameterLayout, TaskParams
 from ..ops.inner_step import inner_step
 from ._inputs import check_episode, check_pair
+from ._losses import LossFn, per_task_losses, standard_loss
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Rate = tuple[torch.Tensor | float, torch.Tensor | None]  # (lr, segment_offsets)
 
 NONFINITE_MODES = ("raise", "skip")
 
 
-def per_task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[T] losses, loss_fn applied to each task's [N, ...] predictions and targets.
-
-    vmap when loss_fn supports it (one batched call), a loop over tasks otherwise.
-    """
-    try:
-        losses = vmap(loss_fn)(pred, target)
-    except Exception:  # a loss vmap cannot batch (data-dependent control flow, .item(), ...)
-        losses = torch.stack([loss_fn(p, t) for p, t in zip(pred, target, strict=False)])
-    if losses.shape != pred.shape[:1]:
-        raise ValueError(
-            f"metakernels: loss_fn must return one scalar per task (reduction 'mean' or 'sum'), got shape "
-            f"{list(losses.shape[1:])} per task"
-        )
-    return losses
-
-
 class _FiniteTracker:
-    """Per-task finiteness of every inner loss, inner gradient and query loss, checked with one host sync."""
+    """Per-task finiteness of every inner loss, inner gradient and query loss, checked with one host sync.
+
+    Each record keeps one number per task, the largest magnitude of its values (NaN when any is NaN, inf
+    when any is inf): one reduction per record, and one isfinite over all records at the end. On the
+    sinusoid MLP an isfinite/all per record cost as much as the fused inner step itself.
+    """
 
     def __init__(self) -> None:
-        self.flags: list[tuple[str, torch.Tensor]] = []
+        self.whats: list[str] = []
+        self.peaks: list[torch.Tensor] = []
 
     def record(self, what: str, values: torch.Tensor) -> None:
-        finite = torch.isfinite(values.detach())
-        self.flags.append((what, finite.reshape(finite.shape[0], -1).all(1)))
+        values = values.detach()
+        per_task = values.reshape(values.shape[0], -1)
+        self.whats.append(what)
+        self.peaks.append(torch.linalg.vector_norm(per_task, ord=float("inf"), dim=1))
+
+    def _finite(self) -> torch.Tensor:
+        return torch.isfinite(torch.stack(self.peaks))  # [records, T]
 
     def good_tasks(self) -> torch.Tensor:
-        return torch.stack([f for _, f in self.flags]).all(0)
+        return self._finite().all(0)
 
     def describe(self, good: torch.Tensor) -> str:
         bad = (~good).nonzero().flatten().tolist()
-        for what, flags in self.flags:
+        for what, flags in zip(self.whats, self._finite(), strict=True):
             first = (~flags).nonzero().flatten().tolist()
             if first:
                 return f"tasks {bad} produced NaN/inf (first seen in the {what} of tasks {first})"
@@ -76,6 +70,9 @@ class GradientLearner(nn.Module):
         weight_decay: L2 coefficient inside each inner step.
         nonfinite: "raise" (default) raises on a NaN/inf loss or gradient of any task; "skip" drops such
             tasks from the meta-batch (with a warning) and averages over the rest.
+        fused: run recognised models (Linear/activation stacks, conv+BatchNorm+ReLU+max-pool blocks) through
+            the fused layer kernels (default); False forces the generic torch.func.vmap path. Both compute the
+            same meta-gradient.
     """
 
     def __init__(
@@ -88,6 +85,7 @@ class GradientLearner(nn.Module):
         weight_decay: float = 0.0,
         nonfinite: str = "raise",
         adapt_filter: Callable[[str, nn.Parameter], bool] | None = None,
+        fused: bool = True,
     ):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
@@ -104,6 +102,13 @@ class GradientLearner(nn.Module):
         self.nonfinite = nonfinite
         self.layout = ParameterLayout.from_module(model, adapt_filter)
         self._who = f"metakernels.{type(self).__name__}"
+        # The fused plan is built once: like the layout, it assumes the model's structure does not change.
+        self.fused = bool(fused)
+        self._stages = build_plan(model) if self.fused else None
+        spec = mlp_spec(model, self._stages)
+        # The whole-MLP kernel needs every MLP parameter adapted, in the layout order it expects.
+        self._mlp = spec if spec is not None and tuple(self.layout.names) == spec.parameter_names else None
+        self._standard_loss = standard_loss(loss_fn)
 
     # --- what subclasses choose -------------------------------------------------------------------
 
@@ -121,7 +126,26 @@ class GradientLearner(nn.Module):
 
     def forward_tasks(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Outputs [T, N, ...] of every task on prepared inputs x with fast weights flat [T, P]."""
-        return task_batched_call(self.model, self.layout.views(flat), x)
+        if self._stages is not None and fused_dtype_supported(x, flat):
+            return run_plan(self._stages, self.model, self.layout.views(flat), x)
+        return task_batched_call(self.model, self.layout.views(flat), x, fused=False)
+
+    def _fused_mlp_loss_grad(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-task inner losses and their gradients from the whole-MLP kernel, when it covers this case."""
+        mlp, kind = self._mlp, self._standard_loss
+        if mlp is None or kind is None or not fused_dtype_supported(x, flat):
+            return None
+        if type(self).forward_tasks is not GradientLearner.forward_tasks or x.dim() != 3:
+            return None
+        if kind == "mse" and (y.shape != x.shape[:2] + (mlp.widths[-1],) or y.dtype != flat.dtype):
+            return None
+        if kind == "cross_entropy" and (y.shape != x.shape[:2] or y.dtype != torch.int64):
+            return None
+        from ..ops.mlp_loss_grad import mlp_loss_grad
+
+        return mlp_loss_grad(flat, x, y, list(mlp.widths), activation=mlp.activation, loss=kind)
 
     # --- the inner loop -----------------------------------------------------------------------------
 
@@ -143,8 +167,13 @@ class GradientLearner(nn.Module):
             with torch.enable_grad():
                 if not flat.requires_grad:  # evaluation under no_grad, or a model with frozen weights
                     flat = flat.detach().requires_grad_()
-                losses = per_task_losses(self.loss_fn, self.forward_tasks(flat, x), y)
-                (grad,) = torch.autograd.grad(losses.sum(), flat, create_graph=create_graph)
+                with torch.set_grad_enabled(create_graph):  # the fused op records a graph only when needed
+                    fused = self._fused_mlp_loss_grad(flat, x, y)
+                if fused is not None:
+                    losses, grad = fused
+                else:
+                    losses = per_task_losses(self.loss_fn, self.forward_tasks(flat, x), y)
+                    (grad,) = torch.autograd.grad(losses.sum(), flat, create_graph=create_graph)
             if tracker is not None:
                 tracker.record(f"inner loss at step {step}", losses)
                 tracker.record(f"inner gradient at step {step}", grad)
