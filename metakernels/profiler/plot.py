@@ -67,6 +67,6 @@ def plot_profile(rows: list[dict], path: str | os.PathLike, title: str = "") -> 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long case labels widen the canvas instead of being cut
     plt.close(fig)
     return path
