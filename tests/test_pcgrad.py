@@ -530,8 +530,10 @@ def test_threads(backend, restore_threads, dtype):
     for threads in (2, 1) if backend != "triton" else (2,):  # the interpreter ignores torch's thread count
         torch.set_num_threads(threads)
         results[threads] = check(grads, orders, mask, False, "sum", 0.0, backend)[0]
-    if backend != "triton":
-        torch.testing.assert_close(results[1], results[2], rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    if backend == "cpp":
+        # The C++ Gram cuts the columns into chunks that do not depend on the thread count and adds their
+        # partial Grams in chunk order; the combine writes each column from one chunk: bitwise the same.
+        assert torch.equal(results[1], results[2])
 
 
 # --- hypothesis ----------------------------------------------------------------------------------------------------

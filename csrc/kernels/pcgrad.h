@@ -126,8 +126,9 @@ const TileFn<T> (&diag_table())[kTile] {
   return table;
 }
 
-// One thread's share of the Gram: the column segments it owns, accumulated into dacc (rows x rows float64
-// vectors, upper triangle) and tail (rows x rows doubles, upper triangle).
+// One chunk of the Gram: the column segments segs, accumulated into dacc (rows x rows float64 vectors,
+// upper triangle) and tail (rows x rows doubles, upper triangle); facc (rows x rows working-type vectors)
+// must be zero on entry and is zero on exit.
 //
 // Loop order: per sub-block of kSub columns of all T rows (T * 4 KiB for float: L2-resident), every tile
 // (ga <= gb) of the T x T grid runs over it, its register accumulators starting from and returning to
@@ -137,7 +138,8 @@ const TileFn<T> (&diag_table())[kTile] {
 // (8 vector loads per 16 FMAs) is the limit. Tried and slower here: L1-sized sub-blocks of 128 columns with
 // software prefetch of the next block (~50), and 8 x 2 tiles (~35).
 template <typename T>
-void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& segs, D8* dacc, double* tail) {
+void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& segs, D8* dacc,
+                   typename Simd<T>::V* facc, double* tail) {
   using V = typename Simd<T>::V;
   constexpr int W = Simd<T>::kWidth;
   constexpr int64_t kFlush = Simd<T>::kFlushColumns;
@@ -145,7 +147,6 @@ void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>&
   const int64_t groups = (rows + kTile - 1) / kTile;
   const auto& diag = diag_table<T>();
   const auto& off = off_table<T>();
-  std::vector<V> facc(rows * rows, V{});
   for (const Run& seg : segs) {
     const int64_t vec_end = seg.begin + (seg.end - seg.begin) / W * W;
     for (int64_t f0 = seg.begin; f0 < vec_end; f0 += kFlush) {
@@ -155,11 +156,11 @@ void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>&
         for (int64_t ga = 0; ga < groups; ++ga) {
           const int64_t a0 = ga * kTile;
           const int ma = static_cast<int>(std::min<int64_t>(kTile, rows - a0));
-          diag[ma - 1](g, ld, a0, a0, s0, n, facc.data(), rows);
+          diag[ma - 1](g, ld, a0, a0, s0, n, facc, rows);
           for (int64_t gb = ga + 1; gb < groups; ++gb) {
             const int64_t r0 = gb * kTile;
             const int mb = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
-            off[ma - 1][mb - 1](g, ld, a0, r0, s0, n, facc.data(), rows);
+            off[ma - 1][mb - 1](g, ld, a0, r0, s0, n, facc, rows);
           }
         }
       }
@@ -193,37 +194,70 @@ inline std::vector<Run> shared_slice(const std::vector<Run>& runs, int64_t lo, i
   return out;
 }
 
+// Runs fn(chunk, tid) for chunk = 0..num_chunks-1 on a team of nthreads, handing chunks out one at a time
+// (dynamic schedule). Why not the even static split of parallel.h: on a shared machine a team member that
+// is descheduled holds its whole share until it runs again, and the call takes a scheduler time slice
+// (measured on the 2-core dev VM under load 5: calls of ~0.1 ms took 16-32 ms); with chunks the running
+// thread takes over the rest. Results never depend on which thread ran a chunk (see gram and combine).
+template <typename Fn>
+inline void run_chunks(int nthreads, int64_t num_chunks, Fn&& fn) {
+#ifdef _OPENMP
+  if (nthreads > 1 && num_chunks > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t c = 0; c < num_chunks; ++c) fn(c, omp_get_thread_num());
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < num_chunks; ++c) fn(c, 0);
+}
+
 // K [rows x rows] (row-major, float64, both triangles) = G_s G_s^T over the columns in runs.
-// Threads split the shared columns evenly; each accumulates privately and the partial Grams are added in
-// thread order (deterministic for a given thread count).
+// The shared columns are cut into chunks that depend on S and T only (not on the thread count); each
+// chunk's partial Gram is kept and the partials are added in chunk order, so K is bitwise the same for
+// any thread count and any assignment of chunks to threads.
 template <typename T>
 void gram(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& runs, double* K, int num_threads) {
+  using V = typename Simd<T>::V;
   int64_t shared = 0;
   for (const Run& r : runs) shared += r.end - r.begin;
+  // At least 4096 columns per chunk (the scratch below is reset per chunk), at most 64 chunks and 32 MiB
+  // of partial Grams; boundaries on whole cache lines.
+  constexpr int64_t kAlign = 64 / sizeof(T);
+  const int64_t max_chunks = std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, rows * rows), 1, 64);
+  const int64_t num_chunks = std::clamp<int64_t>(shared / 4096, 1, max_chunks);
+  const int64_t chunk = ((shared + num_chunks - 1) / num_chunks + kAlign - 1) / kAlign * kAlign;
   const int nt = effective_threads(rows * rows, shared, num_threads);
-  std::vector<std::vector<double>> partial(nt, std::vector<double>(rows * rows, 0.0));
-  run_team(nt, [&](int tid, int team) {
-    // Even shares rounded to whole cache lines (64 bytes) so that threads do not split a line.
-    constexpr int64_t kAlign = 64 / sizeof(T);
-    const int64_t chunk = ((shared + team - 1) / team + kAlign - 1) / kAlign * kAlign;
-    const int64_t lo = std::min(shared, tid * chunk), hi = std::min(shared, lo + chunk);
-    std::vector<D8> dacc(rows * rows, D8{});
-    std::vector<double>& mine = partial[tid];
-    if (lo < hi) gram_segments<T>(g, rows, ld, shared_slice(runs, lo, hi), dacc.data(), mine.data());
+  std::vector<double> partial(num_chunks * rows * rows, 0.0);
+  // Per-thread scratch: the float64 vector accumulators (dacc) and the working-type ones (facc) of
+  // gram_segments, allocated once per thread and cleared per chunk.
+  std::vector<std::vector<D8>> dacc(nt);
+  std::vector<std::vector<V>> facc(nt);
+  run_chunks(nt, num_chunks, [&](int64_t c, int tid) {
+    const int64_t lo = std::min(shared, c * chunk), hi = std::min(shared, lo + chunk);
+    if (lo >= hi) return;
+    std::vector<D8>& d = dacc[tid];
+    if (d.empty()) {
+      d.assign(rows * rows, D8{});
+      facc[tid].assign(rows * rows, V{});
+    } else {
+      std::fill(d.begin(), d.end(), D8{});
+    }
+    double* mine = partial.data() + c * rows * rows;
+    gram_segments<T>(g, rows, ld, shared_slice(runs, lo, hi), d.data(), facc[tid].data(), mine);
     for (int64_t a = 0; a < rows; ++a)
       for (int64_t b = a; b < rows; ++b) {
-        const D8 v = dacc[a * rows + b];
-        double s = 0.0;
-        for (int l = 0; l < 8; ++l) s += v[l];
-        mine[a * rows + b] += s;
+        const D8 v = d[a * rows + b];
+        double sum = 0.0;
+        for (int l = 0; l < 8; ++l) sum += v[l];
+        mine[a * rows + b] += sum;
       }
   });
   for (int64_t a = 0; a < rows; ++a)
     for (int64_t b = a; b < rows; ++b) {
-      double s = 0.0;
-      for (int t = 0; t < nt; ++t) s += partial[t][a * rows + b];
-      K[a * rows + b] = s;
-      K[b * rows + a] = s;
+      double sum = 0.0;
+      for (int64_t c = 0; c < num_chunks; ++c) sum += partial[c * rows * rows + a * rows + b];
+      K[a * rows + b] = sum;
+      K[b * rows + a] = sum;
     }
 }
 
@@ -257,14 +291,14 @@ bool combine(const T* g, int64_t rows, int64_t cols, int64_t ld, const A* coef, 
   // Column tile: the accumulators (16 KiB of float) stay in L1 while 4 rows at a time stream through.
   constexpr int64_t kTileCols = 4096;
   const int nt = effective_threads(rows, cols, num_threads);
+  // Chunks of whole tiles, at least 4 per thread (see run_chunks); each writes only its own columns.
+  const int64_t tiles = (cols + kTileCols - 1) / kTileCols;
+  const int64_t num_chunks = std::min<int64_t>(tiles, std::max<int64_t>(1, 8 * int64_t(nt)));
+  const int64_t chunk = (tiles + num_chunks - 1) / num_chunks * kTileCols;
   std::vector<A> ones(rows, A(1));
-  std::vector<int> bad(nt, 0);
-  run_team(nt, [&](int tid, int team) {
-    int64_t begin, end;
-    constexpr int64_t kAlign = 64 / sizeof(T);
-    const int64_t chunk = ((cols + team - 1) / team + kAlign - 1) / kAlign * kAlign;
-    begin = std::min(cols, tid * chunk);
-    end = std::min(cols, begin + chunk);
+  std::vector<int> bad(num_chunks, 0);
+  run_chunks(nt, num_chunks, [&](int64_t k, int) {
+    const int64_t begin = std::min(cols, k * chunk), end = std::min(cols, begin + chunk);
     alignas(64) A acc[kTileCols];
     A nonfinite = A(0);  // x - x is 0 for finite x, NaN for NaN/inf: one vectorisable flag
     // The first run ending after `begin`.
@@ -296,8 +330,7 @@ bool combine(const T* g, int64_t rows, int64_t cols, int64_t ld, const A* coef, 
         const T* __restrict r3 = r2 + ld;
         const A w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c)
-          acc[c] += w0 * A(r0[c]) + w1 * A(r1[c]) + w2 * A(r2[c]) + w3 * A(r3[c]);
+        for (int64_t c = 0; c < n; ++c) acc[c] += w0 * A(r0[c]) + w1 * A(r1[c]) + w2 * A(r2[c]) + w3 * A(r3[c]);
       }
       for (; i < rows; ++i) {
         const T* __restrict r0 = g + i * ld + c0;
@@ -319,7 +352,7 @@ bool combine(const T* g, int64_t rows, int64_t cols, int64_t ld, const A* coef, 
       c0 = c1;
       if (!all_shared && r < runs.size() && c0 >= runs[r].end) ++r;
     }
-    bad[tid] = !(nonfinite == A(0));
+    bad[k] = !(nonfinite == A(0));
   });
   for (int b : bad)
     if (b) return false;

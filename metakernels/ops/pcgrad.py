@@ -76,12 +76,14 @@ def pcgrad(
       - LibMTL's ``PCGrad`` weighting: visits j = i too (``include_self=True``), sum, eps = 0, order from
         Python's ``random.shuffle``; it projects only the shared parameters, and the task-specific ones
         (each task's head) keep the plain sum of the task gradients, each head's being its own task's.
-      - the popular PyTorch wrapper (Pytorch-PCGrad): ``reduction="mean"`` by default, visits j = i, and
-        projects all parameters together (``shared_mask=None``).
+      - the popular PyTorch wrapper (Pytorch-PCGrad): ``reduction="mean"`` by default, visits j = i
+        (``include_self=True``), and projects all parameters together (``shared_mask=None``). Where some
+        task has no gradient at all (a task head) it sums the projected gradients instead of averaging
+        them: with task heads its update equals ours (shared_mask=None, mean) on the shared parameters only.
 
     Args:
         grads: [T, P] floating tensor, one flattened gradient per task (float32/float64; bf16/half are
-            computed in float32). Any strides; a unit column stride avoids a copy.
+            computed in float32: a float32 copy on the CPU). Any strides; a unit column stride avoids a copy.
         reduction: "sum" (default, the paper) or "mean" over the tasks (shared columns only).
         include_self: also visit j = i (LibMTL and the PyTorch wrapper do; the paper does not).
         orders: optional [T, T] integer tensor; row i is the order in which task i visits the tasks. Each row
@@ -148,11 +150,19 @@ def _orders(grads: torch.Tensor, orders: torch.Tensor | None, generator: torch.G
 
 
 def pcgrad_gram(grads: torch.Tensor, shared_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Stage 1: the Gram matrix K = G_s G_s^T of the shared columns, [T, T] float64.
+    """Stage 1: the Gram matrix K = G_s G_s^T of the shared columns.
 
-    Float32 input: products and sums in float32 over blocks of at most 128 terms per vector lane (C++) or
-    per block (Triton), the blocks added in float64. Does not check grads for NaN/inf (the coefficients
-    stage checks K's diagonal).
+    Float32 input: products and sums in float32 over chains of at most 128 terms per vector lane (C++) or
+    per block (Triton), the partial sums added in float64. Grams of disjoint column shards add up to the
+    Gram of the whole (a distributed PCGrad all-reduces them). Does not check grads for NaN/inf: the
+    coefficients stage checks K's diagonal.
+
+    Args:
+        grads: [T, P] floating tensor (a shard of the columns, in a distributed setting).
+        shared_mask: optional [P] bool tensor; only its True columns enter K.
+
+    Returns:
+        [T, T] float64 symmetric tensor.
     """
     return _OPS.pcgrad_gram(grads, shared_mask)
 
@@ -160,17 +170,35 @@ def pcgrad_gram(grads: torch.Tensor, shared_mask: torch.Tensor | None = None) ->
 def pcgrad_coefficients(
     gram: torch.Tensor, orders: torch.Tensor, include_self: bool = False, eps: float = 0.0
 ) -> torch.Tensor:
-    """Stage 2: the coefficient matrix W [T, T] float64 from the Gram matrix alone (float64 [T, T]).
+    """Stage 2: the coefficient matrix W from the Gram matrix alone (the projection recurrence, in float64).
 
-    Raises naming ``gram`` if a diagonal entry is NaN/inf, naming ``orders`` if a row is not a permutation.
+    Args:
+        gram: [T, T] float64 Gram matrix (pcgrad_gram's, summed over shards).
+        orders: [T, T] int64; row i is the order in which task i visits the others (see pcgrad).
+        include_self: also visit j = i.
+        eps: added to K[j, j] in the projection's denominator (>= 0).
+
+    Returns:
+        [T, T] float64 W: projected g_i = sum_k W[i, k] g_k.
+
+    Raises:
+        ValueError naming ``gram`` if a diagonal entry is NaN/inf, naming ``orders`` if a row is not a
+        permutation; TypeError if gram is not float64.
     """
     return _OPS.pcgrad_coefficients(gram, orders, bool(include_self), float(eps))
 
 
 def pcgrad_combine(grads: torch.Tensor, weights: torch.Tensor, shared_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Stage 3: weights^T G over the shared columns and 1^T G over the task-specific ones, [P] in grads' dtype.
+    """Stage 3: weights^T G over the shared columns and 1^T G over the task-specific ones, one pass over G.
 
-    weights: the [T] vector r * W.sum(0) (r = 1 for "sum", 1/T for "mean"), any floating dtype.
+    Args:
+        grads: [T, P] floating tensor (a shard of the columns, in a distributed setting).
+        weights: [T] floating tensor r * W.sum(0) (r = 1 for "sum", 1/T for "mean"); used in the working
+            precision (float32 for float32 grads).
+        shared_mask: optional [P] bool tensor; its False columns get the plain sum of the task gradients.
+
+    Returns:
+        [P] tensor in grads' dtype. No NaN/inf check (pcgrad checks the task-specific columns' sums).
     """
     return _OPS.pcgrad_combine(grads, weights, shared_mask)
 
