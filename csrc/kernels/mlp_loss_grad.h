@@ -19,11 +19,11 @@
 // The op's backward needs g_loss * grad + H g_grad; with E_l = Rd_l + g_loss d_l both come out of the same
 // products: out W_l = E_l^T h_{l-1} + d_l^T Rh_{l-1}, out b_l = sum_n E_l.
 //
-// Layout: activations are kept feature-major, h^T [w, N]. Then every forward and backward product reads
-// W or W^T through A's strides and needs no transposed copy of a weight matrix (a weight has w^2
-// elements, an activation w N, and N is small in few-shot learning): the forward computes z^T = W h^T,
-// the backward dh^T = W^T d^T, vectorised along N; the weight gradients d^T h read h sample-major, one
-// transposed copy of an activation per layer.
+// Layout: activations are sample-major, h [N, w], as the inputs come, so every product vectorises along a
+// feature dimension (N is small in few-shot learning: 5-10 samples would fill a third to two thirds of a
+// vector). The backward products read W and h by rows in place; the forward products read W^T, which is
+// transposed once per layer and call into scratch (in registers, 16 x 16 at a time), or read in place by
+// BLAS for the products the GEMM policy sends there.
 #pragma once
 
 #include <algorithm>
@@ -71,36 +71,38 @@ struct MlpSpec {
 // Pointers into one task's part of the per-thread scratch.
 template <typename T>
 struct MlpWorkspace {
-  std::vector<T*> h;   // h[l]: h_l^T [w_l, N], l = 0..L (h[L] = z_L^T)
-  std::vector<T*> rh;  // rh[l]: Rh_l^T [w_l, N], l = 1..L (rh[L] = Rz_L^T); HVP only
-  T* d[2] = {nullptr, nullptr};   // d^T ping-pong [max_w, N]
-  T* rd[2] = {nullptr, nullptr};  // Rd^T ping-pong (HVP)
-  T* e = nullptr;                 // E^T (HVP)
-  T* hs = nullptr;                // h_{l-1} sample-major [N, max_w]
-  T* rhs = nullptr;               // Rh_{l-1} sample-major (HVP)
+  std::vector<T*> h;   // h[l]: h_l [N, w_l], l = 1..L (h[L] = z_L); h[0] is x itself
+  std::vector<T*> rh;  // rh[l]: Rh_l [N, w_l], l = 1..L (rh[L] = Rz_L); HVP only (Rh_0 = 0)
+  T* d[2] = {nullptr, nullptr};   // d ping-pong [N, max_w]
+  T* rd[2] = {nullptr, nullptr};  // Rd ping-pong (HVP)
+  T* e = nullptr;                 // E (HVP)
+  T* wt = nullptr;                // W^T of the current layer [in, out]
+  T* vt = nullptr;                // V^T of the current layer (HVP)
 
   static int64_t elems(const MlpSpec& s, bool hvp) {
     const int64_t w = s.max_width() * s.samples;
-    const int64_t acts = s.activation_elems();
-    return hvp ? 2 * acts + 5 * w + 2 * w : acts + 2 * w + w;
+    const int64_t acts = s.activation_elems() - s.widths[0] * s.samples;
+    int64_t weight = 0;
+    for (int64_t l = 0; l < s.num_layers; ++l) weight = std::max(weight, s.in(l) * s.out(l));
+    return hvp ? 2 * acts + 5 * w + 2 * weight : acts + 2 * w + weight;
   }
 
-  MlpWorkspace(const MlpSpec& s, T* base, bool hvp) : h(s.num_layers + 1), rh(s.num_layers + 1, nullptr) {
+  MlpWorkspace(const MlpSpec& s, T* base, bool hvp) : h(s.num_layers + 1, nullptr), rh(s.num_layers + 1, nullptr) {
     const int64_t w = s.max_width() * s.samples;
+    int64_t weight = 0;
+    for (int64_t l = 0; l < s.num_layers; ++l) weight = std::max(weight, s.in(l) * s.out(l));
     T* p = base;
-    for (int64_t l = 0; l <= s.num_layers; ++l) h[l] = p, p += s.widths[l] * s.samples;
-    if (hvp) {
-      rh[0] = nullptr;  // Rh_0 = 0: never materialised
+    for (int64_t l = 1; l <= s.num_layers; ++l) h[l] = p, p += s.widths[l] * s.samples;
+    if (hvp)
       for (int64_t l = 1; l <= s.num_layers; ++l) rh[l] = p, p += s.widths[l] * s.samples;
-    }
     d[0] = p, p += w;
     d[1] = p, p += w;
-    hs = p, p += w;
+    wt = p, p += weight;
     if (hvp) {
       rd[0] = p, p += w;
       rd[1] = p, p += w;
       e = p, p += w;
-      rhs = p, p += w;
+      vt = p, p += weight;
     }
   }
 };
@@ -113,126 +115,130 @@ inline std::vector<int64_t> mlp_weight_offsets(const MlpSpec& s) {
   return off;
 }
 
-// h[l + 1] (+)= W^T-product helpers -------------------------------------------------------------------
-
-// C^T [out, N] = init + M [out, in] . B^T [in, N]: the forward product with the weight-shaped matrix M.
+// C [N, out] = init + H [N, in] . M^T for a weight-shaped M [out, in] (M^T from transposed_operand).
 template <typename T, typename Gemm>
-inline void forward_product(const Gemm& gemm, const T* m, const T* bt, T* ct, int64_t in, int64_t out, int64_t n,
-                            GemmInit init, const T* bias) {
+inline void forward_product(const Gemm& gemm, const T* m, const T* h, T* c, int64_t in, int64_t out, int64_t n,
+                            GemmInit init, const T* bias, T* scratch, bool fill) {
   GemmArgs<T> g;
-  g.m = out, g.n = n, g.k = in;
-  g.a = m, g.a_rs = in, g.a_cs = 1;
-  g.b = bt, g.ldb = n;
-  g.c = ct, g.ldc = n;
+  g.m = n, g.n = out, g.k = in;
+  g.a = h, g.a_rs = in, g.a_cs = 1;
+  transposed_operand(gemm, m, in, out, n, scratch, fill, g);
+  g.c = c, g.ldc = out;
   g.init = init, g.bias = bias;
   gemm(g);
 }
 
-// C^T [in, N] = init + M^T [in, out] . D^T [out, N]: the backward product through the weight-shaped M.
+// C [N, in] = init + D [N, out] . M [out, in]: the backward product through the weight-shaped M.
 template <typename T, typename Gemm>
-inline void backward_product(const Gemm& gemm, const T* m, const T* dt, T* ct, int64_t in, int64_t out, int64_t n,
+inline void backward_product(const Gemm& gemm, const T* m, const T* d, T* c, int64_t in, int64_t out, int64_t n,
                              GemmInit init) {
   GemmArgs<T> g;
-  g.m = in, g.n = n, g.k = out;
-  g.a = m, g.a_rs = 1, g.a_cs = in;
-  g.b = dt, g.ldb = n;
-  g.c = ct, g.ldc = n;
+  g.m = n, g.n = in, g.k = out;
+  g.a = d, g.a_rs = out, g.a_cs = 1;
+  g.b = m, g.ldb = in;
+  g.c = c, g.ldc = in;
   g.init = init;
   gemm(g);
 }
 
-// G [out, in] = init + D^T [out, N] . H [N, in] (H sample-major, leading dimension ldh).
+// G [out, in] = init + D^T [out, N] . H [N, in].
 template <typename T, typename Gemm>
-inline void weight_product(const Gemm& gemm, const T* dt, const T* h, int64_t ldh, T* gw, int64_t in, int64_t out,
-                           int64_t n, GemmInit init) {
+inline void weight_product(const Gemm& gemm, const T* d, const T* h, T* gw, int64_t in, int64_t out, int64_t n,
+                           GemmInit init) {
   GemmArgs<T> g;
   g.m = out, g.n = in, g.k = n;
-  g.a = dt, g.a_rs = n, g.a_cs = 1;
-  g.b = h, g.ldb = ldh;
+  g.a = d, g.a_rs = 1, g.a_cs = out;
+  g.b = h, g.ldb = in;
   g.c = gw, g.ldc = in;
   g.init = init;
   gemm(g);
 }
 
-// gb[o] = sum_n D^T[o, n].
+// gb[o] = sum_n D[n, o].
 template <typename T>
-inline void row_sums(const T* dt, T* gb, int64_t out, int64_t n) {
-  for (int64_t o = 0; o < out; ++o) {
-    const T* row = dt + o * n;
-    T s = T(0);
-    for (int64_t i = 0; i < n; ++i) s += row[i];
-    gb[o] = s;
+inline void column_sums(const T* d, T* gb, int64_t out, int64_t n) {
+  std::fill(gb, gb + out, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = d + i * out;
+    for (int64_t o = 0; o < out; ++o) gb[o] += row[o];
   }
 }
 
-// Forward pass of one task: fills ws.h[0..L].
+// Forward pass of one task (and, with v, the R-forward): fills ws.h[1..L] (and ws.rh[1..L]).
 template <typename T, typename Gemm, typename Tanh>
-void mlp_forward_task(const MlpSpec& s, const std::vector<int64_t>& off, const T* theta, const T* x,
+void mlp_forward_task(const MlpSpec& s, const std::vector<int64_t>& off, const T* theta, const T* x, const T* v,
                       MlpWorkspace<T>& ws, const Gemm& gemm, const Tanh& tanh_fn) {
-  const int64_t n = s.samples;
-  transpose(x, n, s.widths[0], s.widths[0], ws.h[0], n);
-  for (int64_t l = 0; l < s.num_layers; ++l) {
+  const int64_t n = s.samples, L = s.num_layers;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t in = s.in(l), out = s.out(l);
     const T* w = theta + off[l];
-    const T* b = w + s.out(l) * s.in(l);
-    forward_product(gemm, w, ws.h[l], ws.h[l + 1], s.in(l), s.out(l), n, GemmInit::kRowBias, b);
-    if (l + 1 < s.num_layers) apply_activation(s.act, ws.h[l + 1], s.out(l) * n, tanh_fn);
+    const T* h = l == 0 ? x : ws.h[l];
+    forward_product(gemm, w, h, ws.h[l + 1], in, out, n, GemmInit::kColumnBias, w + out * in, ws.wt, true);
+    if (l + 1 < L) apply_activation(s.act, ws.h[l + 1], out * n, tanh_fn);
+    if (v == nullptr) continue;
+    // Rz = h V^T + c (+ Rh W^T, W^T still in ws.wt); Rh = act'(z) Rz
+    const T* vw = v + off[l];
+    forward_product(gemm, vw, h, ws.rh[l + 1], in, out, n, GemmInit::kColumnBias, vw + out * in, ws.vt, true);
+    if (l > 0)
+      forward_product(gemm, w, ws.rh[l], ws.rh[l + 1], in, out, n, GemmInit::kAccumulate,
+                      static_cast<const T*>(nullptr), ws.wt, false);
+    if (l + 1 < L) multiply_by_slope(s.act, ws.rh[l + 1], ws.h[l + 1], out * n);
   }
 }
 
-// The loss of one task from z_L^T and dT = dloss/dz_L^T. Sums in double.
+// The loss of one task from z_L [N, w_L], and d = dloss/dz_L. Sums in double.
 template <typename T>
-T loss_and_output_grad(const MlpSpec& s, const T* zt, const T* target, const int64_t* labels, T* dt) {
+T loss_and_output_grad(const MlpSpec& s, const T* z, const T* target, const int64_t* labels, T* d) {
   const int64_t n = s.samples, k = s.widths[s.num_layers];
   if (s.loss == Loss::kMse) {
     const T scale = T(2) / T(n * k);
     double sum = 0.0;
-    for (int64_t o = 0; o < k; ++o) {
-      for (int64_t i = 0; i < n; ++i) {
-        const T diff = zt[o * n + i] - target[i * k + o];
-        sum += double(diff) * double(diff);
-        dt[o * n + i] = scale * diff;
-      }
+    for (int64_t j = 0; j < n * k; ++j) {
+      const T diff = z[j] - target[j];
+      sum += double(diff) * double(diff);
+      d[j] = scale * diff;
     }
     return T(sum / double(n * k));
   }
-  // cross entropy: one sample is a column of z^T
   double sum = 0.0;
   const T inv_n = T(1) / T(n);
   for (int64_t i = 0; i < n; ++i) {
-    T mx = zt[i];
-    for (int64_t o = 1; o < k; ++o) mx = std::max(mx, zt[o * n + i]);
+    const T* zi = z + i * k;
+    T* di = d + i * k;
+    const T mx = *std::max_element(zi, zi + k);
     T se = T(0);
     for (int64_t o = 0; o < k; ++o) {
-      const T ex = std::exp(zt[o * n + i] - mx);
-      dt[o * n + i] = ex;
-      se += ex;
+      di[o] = std::exp(zi[o] - mx);
+      se += di[o];
     }
     const int64_t y = labels[i];
-    sum += double(mx) + std::log(double(se)) - double(zt[y * n + i]);
-    for (int64_t o = 0; o < k; ++o) dt[o * n + i] = (dt[o * n + i] / se - (o == y ? T(1) : T(0))) * inv_n;
+    sum += double(mx) + std::log(double(se)) - double(zi[y]);
+    for (int64_t o = 0; o < k; ++o) di[o] = (di[o] / se - (o == y ? T(1) : T(0))) * inv_n;
   }
   return T(sum / double(n));
 }
 
-// Rd_L^T = loss''(z_L) Rz_L^T, given d_L^T (cross entropy recovers the softmax p from it: p = N d + onehot).
+// Rd_L = loss''(z_L) Rz_L, given d_L (cross entropy recovers the softmax p from it: p = N d + onehot).
 template <typename T>
-void loss_hessian_product(const MlpSpec& s, const T* dt, const int64_t* labels, const T* rzt, T* rdt) {
+void loss_hessian_product(const MlpSpec& s, const T* d, const int64_t* labels, const T* rz, T* rd) {
   const int64_t n = s.samples, k = s.widths[s.num_layers];
   if (s.loss == Loss::kMse) {
     const T scale = T(2) / T(n * k);
-    for (int64_t j = 0; j < k * n; ++j) rdt[j] = scale * rzt[j];
+    for (int64_t j = 0; j < k * n; ++j) rd[j] = scale * rz[j];
     return;
   }
   const T inv_n = T(1) / T(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t y = labels[i];
+    const T* di = d + i * k;
+    const T* rzi = rz + i * k;
+    T* rdi = rd + i * k;
     T dot = T(0);
     for (int64_t o = 0; o < k; ++o) {
-      const T p = dt[o * n + i] * T(n) + (o == y ? T(1) : T(0));
-      rdt[o * n + i] = p;  // p, for now
-      dot += p * rzt[o * n + i];
+      rdi[o] = di[o] * T(n) + (o == y ? T(1) : T(0));  // p, for now
+      dot += rdi[o] * rzi[o];
     }
-    for (int64_t o = 0; o < k; ++o) rdt[o * n + i] = rdt[o * n + i] * (rzt[o * n + i] - dot) * inv_n;
+    for (int64_t o = 0; o < k; ++o) rdi[o] = rdi[o] * (rzi[o] - dot) * inv_n;
   }
 }
 
@@ -242,26 +248,20 @@ void mlp_loss_grad_task(const MlpSpec& s, const std::vector<int64_t>& off, const
                         const T* target, const int64_t* labels, T* loss, T* grad, MlpWorkspace<T>& ws,
                         const Gemm& gemm, const Tanh& tanh_fn) {
   const int64_t n = s.samples, L = s.num_layers;
-  mlp_forward_task(s, off, theta, x, ws, gemm, tanh_fn);
-  T* dt = ws.d[0];
+  mlp_forward_task(s, off, theta, x, static_cast<const T*>(nullptr), ws, gemm, tanh_fn);
+  T* d = ws.d[0];
   T* next = ws.d[1];
-  *loss = loss_and_output_grad(s, ws.h[L], target, labels, dt);
+  *loss = loss_and_output_grad(s, ws.h[L], target, labels, d);
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t in = s.in(l), out = s.out(l);
-    const T* w = theta + off[l];
+    const T* h = l == 0 ? x : ws.h[l];
     T* gw = grad + off[l];
-    // h_{l-1} sample-major for the weight gradient (the input x already is)
-    const T* hs = x;
+    weight_product(gemm, d, h, gw, in, out, n, GemmInit::kZero);
+    column_sums(d, gw + out * in, out, n);
     if (l > 0) {
-      transpose(ws.h[l], in, n, n, ws.hs, in);
-      hs = ws.hs;
-    }
-    weight_product(gemm, dt, hs, in, gw, in, out, n, GemmInit::kZero);
-    row_sums(dt, gw + out * in, out, n);
-    if (l > 0) {
-      backward_product(gemm, w, dt, next, in, out, n, GemmInit::kZero);
+      backward_product(gemm, theta + off[l], d, next, in, out, n, GemmInit::kZero);
       multiply_by_slope(s.act, next, ws.h[l], in * n);
-      std::swap(dt, next);
+      std::swap(d, next);
     }
   }
 }
@@ -272,42 +272,26 @@ void mlp_hvp_task(const MlpSpec& s, const std::vector<int64_t>& off, const T* th
                   const int64_t* labels, const T* v, T g_loss, T* result, MlpWorkspace<T>& ws, const Gemm& gemm,
                   const Tanh& tanh_fn) {
   const int64_t n = s.samples, L = s.num_layers;
-  mlp_forward_task(s, off, theta, x, ws, gemm, tanh_fn);
-  // R-forward
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t in = s.in(l), out = s.out(l);
-    const T* vw = v + off[l];
-    forward_product(gemm, vw, ws.h[l], ws.rh[l + 1], in, out, n, GemmInit::kRowBias, vw + out * in);
-    if (l > 0) forward_product(gemm, theta + off[l], ws.rh[l], ws.rh[l + 1], in, out, n, GemmInit::kAccumulate,
-                               static_cast<const T*>(nullptr));
-    if (l + 1 < L) multiply_by_slope(s.act, ws.rh[l + 1], ws.h[l + 1], out * n);
-  }
-  T* dt = ws.d[0];
-  T* rdt = ws.rd[0];
+  mlp_forward_task(s, off, theta, x, v, ws, gemm, tanh_fn);
+  T* d = ws.d[0];
+  T* rd = ws.rd[0];
   T* dh = ws.d[1];
   T* rdh = ws.rd[1];
-  loss_and_output_grad(s, ws.h[L], target, labels, dt);
-  loss_hessian_product(s, dt, labels, ws.rh[L], rdt);
+  loss_and_output_grad(s, ws.h[L], target, labels, d);
+  loss_hessian_product(s, d, labels, ws.rh[L], rd);
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t in = s.in(l), out = s.out(l);
     const T* w = theta + off[l];
     const T* vw = v + off[l];
     T* rw = result + off[l];
-    // E = Rd + g_loss d
-    for (int64_t j = 0; j < out * n; ++j) ws.e[j] = rdt[j] + g_loss * dt[j];
-    const T* hs = x;
-    if (l > 0) {
-      transpose(ws.h[l], in, n, n, ws.hs, in);
-      transpose(ws.rh[l], in, n, n, ws.rhs, in);
-      hs = ws.hs;
-    }
-    weight_product(gemm, ws.e, hs, in, rw, in, out, n, GemmInit::kZero);
-    if (l > 0) weight_product(gemm, dt, ws.rhs, in, rw, in, out, n, GemmInit::kAccumulate);
-    row_sums(ws.e, rw + out * in, out, n);
+    for (int64_t j = 0; j < out * n; ++j) ws.e[j] = rd[j] + g_loss * d[j];  // E = Rd + g_loss d
+    weight_product(gemm, ws.e, l == 0 ? x : ws.h[l], rw, in, out, n, GemmInit::kZero);
+    if (l > 0) weight_product(gemm, d, ws.rh[l], rw, in, out, n, GemmInit::kAccumulate);
+    column_sums(ws.e, rw + out * in, out, n);
     if (l == 0) break;
-    backward_product(gemm, w, dt, dh, in, out, n, GemmInit::kZero);
-    backward_product(gemm, w, rdt, rdh, in, out, n, GemmInit::kZero);
-    backward_product(gemm, vw, dt, rdh, in, out, n, GemmInit::kAccumulate);
+    backward_product(gemm, w, d, dh, in, out, n, GemmInit::kZero);
+    backward_product(gemm, w, rd, rdh, in, out, n, GemmInit::kZero);
+    backward_product(gemm, vw, d, rdh, in, out, n, GemmInit::kAccumulate);
     const T* h = ws.h[l];
     const T* rh = ws.rh[l];
     const int64_t m = in * n;
@@ -329,8 +313,8 @@ void mlp_hvp_task(const MlpSpec& s, const std::vector<int64_t>& off, const T* th
         }
         break;
     }
-    std::swap(dt, dh);
-    std::swap(rdt, rdh);
+    std::swap(d, dh);
+    std::swap(rd, rdh);
   }
 }
 
@@ -344,10 +328,11 @@ void mlp_loss_grad(const MlpSpec& s, int64_t tasks, const T* theta, const T* x, 
   const int64_t P = s.num_params(), n = s.samples, w0 = s.widths[0], wl = s.widths[s.num_layers];
   const int64_t elems = MlpWorkspace<T>::elems(s, false);
   const int nt = task_threads(tasks, 6 * s.forward_macs(), threads);
-  for_each_task<T>(tasks, elems, nt, [&](int64_t t, T* scratch) {
+  for_each_task_range<T>(tasks, elems, nt, [&](int64_t begin, int64_t end, T* scratch) {
     MlpWorkspace<T> ws(s, scratch, false);
-    mlp_loss_grad_task(s, off, theta + t * P, x + t * n * w0, target ? target + t * n * wl : nullptr,
-                       labels ? labels + t * n : nullptr, loss + t, grad + t * P, ws, gemm, tanh_fn);
+    for (int64_t t = begin; t < end; ++t)
+      mlp_loss_grad_task(s, off, theta + t * P, x + t * n * w0, target ? target + t * n * wl : nullptr,
+                         labels ? labels + t * n : nullptr, loss + t, grad + t * P, ws, gemm, tanh_fn);
   });
 }
 
@@ -359,11 +344,12 @@ void mlp_hvp(const MlpSpec& s, int64_t tasks, const T* theta, const T* x, const 
   const int64_t P = s.num_params(), n = s.samples, w0 = s.widths[0], wl = s.widths[s.num_layers];
   const int64_t elems = MlpWorkspace<T>::elems(s, true);
   const int nt = task_threads(tasks, 16 * s.forward_macs(), threads);
-  for_each_task<T>(tasks, elems, nt, [&](int64_t t, T* scratch) {
+  for_each_task_range<T>(tasks, elems, nt, [&](int64_t begin, int64_t end, T* scratch) {
     MlpWorkspace<T> ws(s, scratch, true);
-    mlp_hvp_task(s, off, theta + t * P, x + t * n * w0, target ? target + t * n * wl : nullptr,
-                 labels ? labels + t * n : nullptr, v + t * P, g_loss ? g_loss[t] : T(0), result + t * P, ws, gemm,
-                 tanh_fn);
+    for (int64_t t = begin; t < end; ++t)
+      mlp_hvp_task(s, off, theta + t * P, x + t * n * w0, target ? target + t * n * wl : nullptr,
+                   labels ? labels + t * n : nullptr, v + t * P, g_loss ? g_loss[t] : T(0), result + t * P, ws,
+                   gemm, tanh_fn);
   });
 }
 

@@ -4,13 +4,10 @@
 //   forward:  out[n, o] = act(sum_i x[n, i] W[o, i] + b[o])             x [N, in], W [out, in], out [N, out]
 //   backward: dz = grad_out * act'(out);  d_x = dz W;  d_W = dz^T x;  d_b = sum_n dz[n, :]
 //
-// The backward's products all read their B operand by rows (W, x) and need no copy. The forward's
-// natural B is W^T; two layouts avoid transposing a large W:
-//   sample-major: transpose W (out x in elements), then out = x W^T vectorised along out;
-//   feature-major: transpose x (N x in), out^T = W x^T vectorised along N, transposed back into out
-//                  (N x out) with the bias and activation applied on the way.
-// forward_layout() picks the cheaper by counting transposed elements and vector FMAs. Products the GEMM
-// policy calls large go to BLAS, which reads W^T in place.
+// Every product vectorises along a feature dimension (the sample count N is small in few-shot learning).
+// The backward's products read W and x by rows in place; the forward reads W^T, transposed once per task
+// into scratch (16 x 16 in registers), or in place when a dimension is 1 or BLAS computes the product (see
+// transposed_operand in small_gemm.h).
 #pragma once
 
 #include <algorithm>
@@ -20,78 +17,23 @@
 
 namespace metakernels::kernels {
 
-enum class TaskLinearLayout : int { kBlas = 0, kSampleMajor = 1, kFeatureMajor = 2 };
+// Scratch elements one task's forward needs (W^T).
+inline int64_t task_linear_forward_scratch(int64_t in, int64_t out) { return in * out; }
 
-// Rough cost in cycles: a scalar transpose moves ~1 element per cycle; two vector FMAs retire per cycle.
-template <typename T>
-inline double layout_cost(int64_t transposed, int64_t rows, int64_t vec_cols, int64_t k) {
-  constexpr int64_t W = Vec<T>::kWidth;
-  return double(transposed) + 0.5 * double(rows) * double((vec_cols + W - 1) / W) * double(k);
-}
-
-template <typename T, typename Gemm>
-inline TaskLinearLayout forward_layout(int64_t n, int64_t in, int64_t out, const Gemm& gemm) {
-  if (gemm.large(n, out, in)) return TaskLinearLayout::kBlas;
-  const double sample_major = layout_cost<T>(in * out, n, out, in);
-  const double feature_major = layout_cost<T>(n * (in + out), out, n, in);
-  return feature_major < sample_major ? TaskLinearLayout::kFeatureMajor : TaskLinearLayout::kSampleMajor;
-}
-
-// Scratch elements one task's forward needs in the given layout.
-inline int64_t task_linear_forward_scratch(TaskLinearLayout layout, int64_t n, int64_t in, int64_t out) {
-  switch (layout) {
-    case TaskLinearLayout::kSampleMajor:
-      return in * out;
-    case TaskLinearLayout::kFeatureMajor:
-      return n * in + out * n;
-    case TaskLinearLayout::kBlas:
-    default:
-      return 0;
-  }
-}
-
-// One task's forward. bias may be null. scratch: task_linear_forward_scratch(layout, ...) elements.
+// One task's forward. bias may be null.
 template <typename T, typename Gemm, typename Tanh>
 void task_linear_forward_task(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t in, int64_t outf,
-                              Activation act, TaskLinearLayout layout, T* scratch, const Gemm& gemm,
-                              const Tanh& tanh_fn) {
+                              Activation act, T* scratch, const Gemm& gemm, const Tanh& tanh_fn) {
+  // out [N, out] = x [N, in] . W^T [in, out] (+ bias per column)
   GemmArgs<T> g;
-  switch (layout) {
-    case TaskLinearLayout::kBlas:
-    case TaskLinearLayout::kSampleMajor: {
-      // out [N, out] = x [N, in] . W^T [in, out]
-      g.m = n, g.n = outf, g.k = in;
-      g.a = x, g.a_rs = in, g.a_cs = 1;
-      if (layout == TaskLinearLayout::kBlas) {
-        g.b = w, g.ldb = 1, g.b_cs = in;  // W^T read in place by BLAS
-      } else {
-        transpose(w, outf, in, in, scratch, outf);
-        g.b = scratch, g.ldb = outf, g.b_cs = 1;
-      }
-      g.c = out, g.ldc = outf;
-      g.init = bias != nullptr ? GemmInit::kColumnBias : GemmInit::kZero;
-      g.bias = bias;
-      gemm(g);
-      apply_activation(act, out, n * outf, tanh_fn);
-      return;
-    }
-    case TaskLinearLayout::kFeatureMajor: {
-      // out^T [out, N] = W [out, in] . x^T [in, N]
-      T* xt = scratch;
-      T* zt = scratch + n * in;
-      transpose(x, n, in, in, xt, n);
-      g.m = outf, g.n = n, g.k = in;
-      g.a = w, g.a_rs = in, g.a_cs = 1;
-      g.b = xt, g.ldb = n, g.b_cs = 1;
-      g.c = zt, g.ldc = n;
-      g.init = bias != nullptr ? GemmInit::kRowBias : GemmInit::kZero;
-      g.bias = bias;
-      gemm(g);
-      apply_activation(act, zt, outf * n, tanh_fn);
-      transpose(zt, outf, n, n, out, outf);
-      return;
-    }
-  }
+  g.m = n, g.n = outf, g.k = in;
+  g.a = x, g.a_rs = in, g.a_cs = 1;
+  transposed_operand(gemm, w, in, outf, n, scratch, true, g);
+  g.c = out, g.ldc = outf;
+  g.init = bias != nullptr ? GemmInit::kColumnBias : GemmInit::kZero;
+  g.bias = bias;
+  gemm(g);
+  apply_activation(act, out, n * outf, tanh_fn);
 }
 
 // Scratch elements one task's backward needs: dz [N, out].
@@ -141,12 +83,10 @@ void task_linear_backward_task(const T* grad_out, const T* x, const T* w, const 
 template <typename T, typename Gemm, typename Tanh>
 void task_linear_forward(int64_t tasks, const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t in,
                          int64_t outf, Activation act, int threads, const Gemm& gemm, const Tanh& tanh_fn) {
-  const TaskLinearLayout layout = forward_layout<T>(n, in, outf, gemm);
-  const int64_t elems = task_linear_forward_scratch(layout, n, in, outf);
   const int nt = task_threads(tasks, 2 * n * in * outf, threads);
-  for_each_task<T>(tasks, elems, nt, [&](int64_t t, T* scratch) {
+  for_each_task<T>(tasks, task_linear_forward_scratch(in, outf), nt, [&](int64_t t, T* scratch) {
     task_linear_forward_task(x + t * n * in, w + t * outf * in, bias != nullptr ? bias + t * outf : nullptr,
-                             out + t * n * outf, n, in, outf, act, layout, scratch, gemm, tanh_fn);
+                             out + t * n * outf, n, in, outf, act, scratch, gemm, tanh_fn);
   });
 }
 
