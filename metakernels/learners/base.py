@@ -28,23 +28,25 @@ NONFINITE_MODES = ("raise", "skip")
 class _FiniteTracker:
     """Per-task finiteness of every inner loss, inner gradient and query loss, checked with one host sync.
 
-    Each record keeps one number per task, the largest magnitude of its values (NaN when any is NaN, inf
-    when any is inf): one reduction per record, and one isfinite over all records at the end. On the
-    sinusoid MLP an isfinite/all per record cost as much as the fused inner step itself.
+    Each record keeps one number per task, the sum of its values: NaN or inf when any value is, so one
+    cheap reduction per record and one isfinite over all records at the end. (On the sinusoid MLP,
+    isfinite().all() per record took 147 us and an inf-norm 195 us, against 6 us for the sum: more than
+    the fused inner step itself.) A sum can also overflow: a task whose finite values sum beyond the
+    dtype's range (|values| ~ 1e38 / P in float32, a diverged task anyway) is reported as non-finite.
     """
 
     def __init__(self) -> None:
         self.whats: list[str] = []
-        self.peaks: list[torch.Tensor] = []
+        self.sums: list[torch.Tensor] = []
 
     def record(self, what: str, values: torch.Tensor) -> None:
         values = values.detach()
         per_task = values.reshape(values.shape[0], -1)
         self.whats.append(what)
-        self.peaks.append(torch.linalg.vector_norm(per_task, ord=float("inf"), dim=1))
+        self.sums.append(per_task.sum(1))
 
     def _finite(self) -> torch.Tensor:
-        return torch.isfinite(torch.stack(self.peaks))  # [records, T]
+        return torch.isfinite(torch.stack(self.sums))  # [records, T]
 
     def good_tasks(self) -> torch.Tensor:
         return self._finite().all(0)
