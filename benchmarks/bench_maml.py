@@ -42,6 +42,13 @@ workloads (the conv net with fewer tasks: --check-tasks), against the plain loop
 a relative deviation <= 1e-8 (max |g - g_loop| over all parameters / max |g_loop|). A peer that disagrees is
 timed and reported with its deviation, flagged, and left out of "fastest other".
 
+The float32 timing run also records each meta-gradient's relative deviation from the float32 loop's
+(fp32_grad_rel_dev_vs_loop), for information only. The conv workload is ill-conditioned in float32 (inner lr
+0.4, BatchNorm over 5 support images): measured at T = 32 against float64 on the same data, the loop (oneDNN
+convolutions) is 1.4e-3 off and the vmapped paths (grouped convolutions on torch's native kernels) 2.1e-2; with
+oneDNN disabled the loop gives the vmapped figure exactly, and in float64 all agree to 2e-15 at T = 32. The
+spread grows with T (3e-6 at T = 8, 4e-4 at 16): rounding amplified by harder tasks, not a bug.
+
 Timing: warm-up calls, then the median and interquartile range of timed meta-steps (the count adapts to a
 time budget between a minimum and a maximum per workload), per torch thread count (--threads, default 1 and
 2, reported separately). The machine is shared: the load average at the start and end is in the output.
