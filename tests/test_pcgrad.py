@@ -401,7 +401,7 @@ def _stage(backend: str, name: str):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("mask_kind", [None, "random", "heads"])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 300), (9, 1031)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 300), (9, 1031), (48, 300), (64, 1031)], ids=str)
 def test_gram_stage(backend, dtype, mask_kind, shape):
     """K within gamma_n of sum_c |g_a,c g_b,c| of the exact Gram (n: the backend's float32 chain)."""
     num_tasks, num_params = shape
@@ -415,6 +415,38 @@ def test_gram_stage(backend, dtype, mask_kind, shape):
     assert gram.dtype == torch.float64
     assert_within(gram, exact, tol, "gram")
     assert torch.equal(gram, gram.t())
+
+
+def test_many_tasks(backend):
+    """T = 64 (the C++ Gram's packed 16 x 16 panel path for float32) and T = 50 (the tile path), float64."""
+    # T = 50 exercises the C++ tile path's edge groups; the Triton kernels treat both alike (and the
+    # interpreter pays ~10 s per T = 64 recurrence).
+    cases = ((64, 517),) if backend == "triton" else ((64, 517), (50, 131))
+    for num_tasks, num_params in cases:
+        grads = make_grads(num_tasks, num_params, torch.float64, seed=num_tasks)
+        check(grads, make_orders(num_tasks, seed=1), None, False, "sum", 0.0, backend)
+
+
+def test_many_tasks_float32_is_its_stages(backend):
+    """float32, T = 64: the update and W are those of the backend's own float32 Gram K~ pushed through the
+    exact (float64) recurrence and combine: W within 1e-12 of recurrence(K~), the update within the combine's
+    rounding bound gamma_(T+2) sum_k |c_k| |g_k|. K~ itself is checked against the exact Gram by
+    test_gram_stage (T = 48, 64). The reference's float32 path is the per-pair loop, which has no Gram: its
+    float32 agreement is covered by the sensitivity-bounded tests at T <= 8."""
+    if backend == "reference":
+        return
+    num_tasks, num_params = 64, 517
+    grads = make_grads(num_tasks, num_params, torch.float32, seed=64)
+    orders = make_orders(num_tasks, seed=1)
+    update, weights = metakernels.pcgrad(grads, orders=orders, return_coefficients=True)
+    gram = _stage(backend, "pcgrad_gram")(grads, None)
+    expected_w = RP.coefficient_recurrence(gram, orders.tolist(), False, 0.0)
+    torch.testing.assert_close(weights, expected_w, rtol=1e-12, atol=1e-12)
+    coef = expected_w.sum(0)
+    expected_u = coef @ grads.double()
+    u = torch.finfo(torch.float32).eps / 2
+    tol = _gamma(num_tasks + 2, u) * (coef.abs() @ grads.double().abs()) + 2 * u * expected_u.abs()
+    assert_within(update, expected_u, tol, "update (float32, T = 64)")
 
 
 def test_coefficients_stage(backend):

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -136,7 +137,8 @@ const TileFn<T> (&diag_table())[kTile] {
 // K entry. Measured on one core of the dev VM (CPU time, min of 5): the 4 x 4 tile runs at ~140 GFLOP/s
 // with its rows in L1 and ~60-70 GFLOP/s streaming them from L2 (T = 16..64), where the L2 -> L1 path
 // (8 vector loads per 16 FMAs) is the limit. Tried and slower here: L1-sized sub-blocks of 128 columns with
-// software prefetch of the next block (~50), and 8 x 2 tiles (~35).
+// software prefetch of the next block (~50), and 8 x 2 tiles (~35). For float32 with T >= 48 the packed
+// path below replaces this one.
 template <typename T>
 void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& segs, D8* dacc,
                    typename Simd<T>::V* facc, double* tail) {
@@ -180,6 +182,113 @@ void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>&
   }
 }
 
+// --- packed path (float32, T >= 48) ----------------------------------------------------------------------
+// The dot-product tiles above stream every row from L2 once per tile, 8 vector loads per 16 FMAs, and the
+// L2 -> L1 path caps them near half the FMA peak. For many tasks the Gram is compute-bound, so there the
+// classic GEMM structure pays: each block of kPackCols columns is transposed once into panels of 16 rows
+// (pk[p][k] = the 16 rows of panel p at column k: T x 512 bytes, L1-resident for T <= 64), and a 16 x 16
+// micro-kernel keeps one panel's column in a register and broadcasts the other panel's 16 values from L1
+// (1 load + 16 FMAs with embedded broadcasts per column). Diagonal panel pairs compute all 16 x 16 pairs,
+// of which 136 are needed: useful fraction T(T+1) / (n(n+1) 256) for n = T/16 panels (0.81 at T = 64, 0.77
+// at T = 48, 0.53 at T = 40), hence the threshold. Measured on one core of the loaded dev VM (CPU time,
+// interleaved, min of 5), useful GFLOP/s packed vs dot tiles: T = 64: 81 vs 61 and 54 vs 44 (P = 1e5,
+// two runs); T = 48: 78 vs 65; T = 40: 55 vs 66; T = 16: 47 vs 62. Each lane sums kPackCols = 128
+// products in float32 before float64 takes over: the same error bound as the dot tiles.
+typedef float F16 __attribute__((vector_size(64)));
+constexpr int64_t kPackCols = 128;
+
+inline bool use_packed(int64_t rows) {
+  const int64_t n = (rows + 15) / 16;
+  return rows >= 48 && 4 * rows * (rows + 1) >= 3 * n * (n + 1) * 256;
+}
+
+// In-register transpose of 16 x 16 floats: butterfly stages h = 8, 4, 2, 1, each exchanging the off-diagonal
+// h x h blocks of every 2h x 2h block: for rows i and i + h ((i & h) == 0), row i takes its lanes j with
+// (j & h) == 0 and row i + h's lanes j - h into the others, row i + h the remaining lanes of both
+// (shuffle indices 0-15 pick from a = row i, 16-31 from b = row i + h).
+inline void transpose16(F16* r) {
+#define MK_PCGRAD_STAGE(H, LO, HI)                    \
+  for (int i = 0; i < 16; ++i)                        \
+    if (!(i & H)) {                                   \
+      const F16 a = r[i], b = r[i + H];               \
+      r[i] = __builtin_shufflevector(a, b, LO);       \
+      r[i + H] = __builtin_shufflevector(a, b, HI);   \
+    }
+#define MK_PCGRAD_L8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define MK_PCGRAD_H8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define MK_PCGRAD_L4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define MK_PCGRAD_H4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define MK_PCGRAD_L2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define MK_PCGRAD_H2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define MK_PCGRAD_L1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define MK_PCGRAD_H1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+  MK_PCGRAD_STAGE(8, MK_PCGRAD_L8, MK_PCGRAD_H8)
+  MK_PCGRAD_STAGE(4, MK_PCGRAD_L4, MK_PCGRAD_H4)
+  MK_PCGRAD_STAGE(2, MK_PCGRAD_L2, MK_PCGRAD_H2)
+  MK_PCGRAD_STAGE(1, MK_PCGRAD_L1, MK_PCGRAD_H1)
+#undef MK_PCGRAD_STAGE
+#undef MK_PCGRAD_L8
+#undef MK_PCGRAD_H8
+#undef MK_PCGRAD_L4
+#undef MK_PCGRAD_H4
+#undef MK_PCGRAD_L2
+#undef MK_PCGRAD_H2
+#undef MK_PCGRAD_L1
+#undef MK_PCGRAD_H1
+}
+
+// cd[j][0..16) (column j of the 16 x 16 block, float64) += sum_k A[k][0..16) * B[k][j] over n columns.
+inline void micro16(const F16* A, const F16* B, int64_t n, D8* cd, int64_t cd_stride) {
+  F16 acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) acc[j] = F16{};
+  for (int64_t k = 0; k < n; ++k) {
+    const F16 a = A[k];
+    const float* b = reinterpret_cast<const float*>(B + k);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] += a * b[j];
+  }
+  for (int j = 0; j < 16; ++j) {
+    const F8 lo = __builtin_shufflevector(acc[j], acc[j], 0, 1, 2, 3, 4, 5, 6, 7);
+    const F8 hi = __builtin_shufflevector(acc[j], acc[j], 8, 9, 10, 11, 12, 13, 14, 15);
+    cd[j * cd_stride] += __builtin_convertvector(lo, D8);
+    cd[j * cd_stride + 1] += __builtin_convertvector(hi, D8);
+  }
+}
+
+// One chunk of the Gram by the packed path: cd is the column-major tp x tp float64 block accumulator
+// (tp = T rounded up to 16; entry (a, b), a <= b, at cd[b * tp + a]), tail the rows x rows upper triangle
+// of the scalar column tails, pk the packing buffer (tp / 16 * kPackCols vectors).
+inline void gram_segments_packed(const float* g, int64_t rows, int64_t ld, const std::vector<Run>& segs, F16* pk,
+                                 D8* cd, double* tail) {
+  const int64_t panels = (rows + 15) / 16, tp = panels * 16;
+  F16 blk[16];
+  for (const Run& seg : segs) {
+    const int64_t vec_end = seg.begin + (seg.end - seg.begin) / 16 * 16;
+    for (int64_t c0 = seg.begin; c0 < vec_end; c0 += kPackCols) {
+      const int64_t n = std::min(vec_end, c0 + kPackCols) - c0;
+      for (int64_t p = 0; p < panels; ++p)
+        for (int64_t k0 = 0; k0 < n; k0 += 16) {
+          for (int r = 0; r < 16; ++r) {
+            const int64_t row = p * 16 + r;
+            blk[r] = row < rows ? load(g + row * ld + c0 + k0) : F16{};
+          }
+          transpose16(blk);
+          for (int r = 0; r < 16; ++r) pk[p * kPackCols + k0 + r] = blk[r];
+        }
+      for (int64_t ip = 0; ip < panels; ++ip)
+        for (int64_t jp = ip; jp < panels; ++jp)
+          micro16(pk + ip * kPackCols, pk + jp * kPackCols, n, cd + (jp * 16) * (tp / 8) + ip * 2, tp / 8);
+    }
+    for (int64_t a = 0; a < rows; ++a)
+      for (int64_t b = a; b < rows; ++b) {
+        double s = 0.0;
+        for (int64_t c = vec_end; c < seg.end; ++c) s += double(g[a * ld + c]) * double(g[b * ld + c]);
+        tail[a * rows + b] += s;
+      }
+  }
+}
+
 // The columns of shared index [lo, hi) (the shared columns numbered 0..S-1 in order) as segments.
 inline std::vector<Run> shared_slice(const std::vector<Run>& runs, int64_t lo, int64_t hi) {
   std::vector<Run> out;
@@ -211,6 +320,17 @@ inline void run_chunks(int nthreads, int64_t num_chunks, Fn&& fn) {
   for (int64_t c = 0; c < num_chunks; ++c) fn(c, 0);
 }
 
+// K (both triangles) = the chunks' upper-triangle partial Grams added in chunk order.
+inline void sum_partials(const std::vector<double>& partial, int64_t num_chunks, int64_t rows, double* K) {
+  for (int64_t a = 0; a < rows; ++a)
+    for (int64_t b = a; b < rows; ++b) {
+      double sum = 0.0;
+      for (int64_t c = 0; c < num_chunks; ++c) sum += partial[c * rows * rows + a * rows + b];
+      K[a * rows + b] = sum;
+      K[b * rows + a] = sum;
+    }
+}
+
 // K [rows x rows] (row-major, float64, both triangles) = G_s G_s^T over the columns in runs.
 // The shared columns are cut into chunks that depend on S and T only (not on the thread count); each
 // chunk's partial Gram is kept and the partials are added in chunk order, so K is bitwise the same for
@@ -232,6 +352,30 @@ void gram(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& runs, do
   // gram_segments, allocated once per thread and cleared per chunk.
   std::vector<std::vector<D8>> dacc(nt);
   std::vector<std::vector<V>> facc(nt);
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_packed(rows)) {
+      const int64_t tp = (rows + 15) / 16 * 16;
+      std::vector<std::vector<F16>> pk(nt);
+      run_chunks(nt, num_chunks, [&](int64_t c, int tid) {
+        const int64_t lo = std::min(shared, c * chunk), hi = std::min(shared, lo + chunk);
+        if (lo >= hi) return;
+        std::vector<D8>& d = dacc[tid];
+        if (d.empty()) {
+          d.assign(tp * tp / 8, D8{});
+          pk[tid].assign(tp / 16 * kPackCols, F16{});
+        } else {
+          std::fill(d.begin(), d.end(), D8{});
+        }
+        double* mine = partial.data() + c * rows * rows;
+        gram_segments_packed(g, rows, ld, shared_slice(runs, lo, hi), pk[tid].data(), d.data(), mine);
+        const double* cd = reinterpret_cast<const double*>(d.data());
+        for (int64_t a = 0; a < rows; ++a)
+          for (int64_t b = a; b < rows; ++b) mine[a * rows + b] += cd[b * tp + a];
+      });
+      sum_partials(partial, num_chunks, rows, K);
+      return;
+    }
+  }
   run_chunks(nt, num_chunks, [&](int64_t c, int tid) {
     const int64_t lo = std::min(shared, c * chunk), hi = std::min(shared, lo + chunk);
     if (lo >= hi) return;
@@ -252,13 +396,7 @@ void gram(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& runs, do
         mine[a * rows + b] += sum;
       }
   });
-  for (int64_t a = 0; a < rows; ++a)
-    for (int64_t b = a; b < rows; ++b) {
-      double sum = 0.0;
-      for (int64_t c = 0; c < num_chunks; ++c) sum += partial[c * rows * rows + a * rows + b];
-      K[a * rows + b] = sum;
-      K[b * rows + a] = sum;
-    }
+  sum_partials(partial, num_chunks, rows, K);
 }
 
 // W [rows x rows] from K: W = I; for each i, for j in order[i] (j = i skipped unless include_self):
