@@ -294,6 +294,19 @@ def test_backward_matches_reference(backend, geometry, pool):
     check_backward(case, grad_out)
 
 
+@pytest.mark.parametrize("cin,k,stride", [(1, 3, 1), (3, 3, 2), (2, 2, 1), (5, 1, 1), (1, 5, 1)], ids=str)
+def test_wide_blocks(backend, cin, k, stride):
+    """Enough channels and columns for the C++ kernels' register tiles (16 float / 8 double lanes, 8 output
+    columns) plus their remainders, for each direct-convolution kernel size (k = 1, 2, 3 tiles; 5 the plain
+    loop) and for the stored path."""
+    for dtype_cin in (cin, 7):  # 7 channels of a 3x3 (or larger) kernel take the stored path
+        case = make_case(2, 2, dtype_cin, (11, 13), 20, k, stride, k // 2, True, seed=22)
+        check_forward(case)
+        grad_out = torch.randn(case.out_shape(), dtype=torch.float64, generator=torch.Generator().manual_seed(23))
+        check_backward(case, grad_out)
+        check_backward(case, grad_out, [False, True, False, True, True])
+
+
 @pytest.mark.parametrize(
     "mask",
     [[False, True, False, False, False], [True, False, False, False, False], [False, False, False, True, True],
@@ -554,7 +567,8 @@ class Float32Bounds:
 @pytest.mark.parametrize("pool", [True, False])
 def test_float32_within_rounding_bounds(backend, cin, pool):
     for seed in range(100, 140):  # the first seed whose windows all have a clear winner
-        case = make_case(2, 3, cin, (8, 8), 5, 3, 1, 1, pool, dtype=torch.float32, seed=seed)
+        # 17 channels and 9 columns: the C++ kernels' 16-lane, 8-column register tiles and their remainders
+        case = make_case(2, 2, cin, (9, 9), 17, 3, 1, 1, pool, dtype=torch.float32, seed=seed)
         bounds = Float32Bounds(case)
         if bounds.window_gap_ok():
             break

@@ -17,6 +17,7 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/stack.h>
 
 #include "../kernels/conv_block.h"
 #include "common.h"
@@ -112,6 +113,15 @@ at::Tensor task_input(const at::Tensor& x, int64_t t) {
   return x.select(0, t).contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// All tasks' weights as channels_last [Cout, Cin, k, k] slices: oneDNN converts a contiguous weight to the
+// input's memory format on every call (one small copy and one parallel region per task and direction).
+at::Tensor channels_last_weights(const at::Tensor& weight) {
+  const auto sz = weight.sizes();
+  at::Tensor w = at::empty({sz[0], sz[1], sz[3], sz[4], sz[2]}, weight.options());
+  w.copy_(weight.permute({0, 1, 3, 4, 2}));
+  return w.permute({0, 1, 4, 2, 3});
+}
+
 at::Tensor task_conv(const at::Tensor& x_t, const at::Tensor& w_t, int64_t stride, int64_t padding) {
   return at::convolution(x_t, w_t, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
       .contiguous(at::MemoryFormat::ChannelsLast);
@@ -163,9 +173,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cpu(
       conv_out = empty_channels_last_per_image(g.T, g.N, g.Cout, g.Ho, g.Wo, opts);
       scalar_t* zp = conv_out.data_ptr<scalar_t>();
       const int64_t z_task = g.N * g.Ho * g.Wo * g.Cout;
+      const at::Tensor w_cl = channels_last_weights(weight);
       for (int64_t t = 0; t < g.T; ++t) {
         // oneDNN writes a fresh tensor; the statistics pass copies it into conv_out while reading it anyway.
-        const at::Tensor z = task_conv(task_input(x, t), weight.select(0, t), stride, padding);
+        const at::Tensor z = task_conv(task_input(x, t), w_cl.select(0, t), stride, padding);
         const kernels::StoredRows<scalar_t> rows{z.data_ptr<scalar_t>(), &s};
         kernels::block_forward<scalar_t>(rows, s, gp ? gp + t * g.Cout : nullptr, bp ? bp + t * g.Cout : nullptr, eps,
                                          op + t * out_task, mp + t * g.Cout, ip + t * g.Cout, zp + t * z_task,
@@ -251,9 +262,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
                             : at::Tensor();
     const int64_t z_task = g.N * g.Ho * g.Wo * g.Cout;
     const at::Tensor z_all = saved ? physical_nhwc(conv_out) : at::Tensor();
+    const at::Tensor w_cl = channels_last_weights(weight);
+    std::vector<at::Tensor> d_w_tasks;
     for (int64_t t = 0; t < g.T; ++t) {
       const at::Tensor x_t = task_input(x, t);
-      const at::Tensor w_t = weight.select(0, t);
+      const at::Tensor w_t = w_cl.select(0, t);
       at::Tensor z_t;  // keeps a recomputed conv output alive for the task
       const scalar_t* zp;
       if (saved) {
@@ -271,8 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
       auto [gx, gw, gb] = at::convolution_backward(dz, x_t, w_t, std::nullopt, {stride, stride}, {padding, padding},
                                                    {1, 1}, false, {0, 0}, 1, {want_x, want_w, false});
       if (want_x) d_x.select(0, t).copy_(gx);
-      if (want_w) d_w.select(0, t).copy_(gw);
+      if (want_w) d_w_tasks.push_back(gw);
     }
+    if (want_w) at::stack_out(d_w, d_w_tasks);  // one copy (a layout change) for all tasks
   });
   return {d_x, d_w, d_bias, d_gamma, d_beta};
 }

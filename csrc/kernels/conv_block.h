@@ -27,6 +27,12 @@
 
 namespace metakernels::kernels {
 
+// max by value: std::max returns a reference, which stops GCC from vectorising a loop over temporaries.
+template <typename T>
+inline T max_of(T a, T b) {
+  return b > a ? b : a;
+}
+
 // Below this many conv-output elements per task an epilogue runs on the calling thread (see kParallelGrain).
 constexpr int64_t kEpilogueGrain = kParallelGrain;
 
@@ -90,7 +96,7 @@ inline void forward_row(const T* __restrict z0, const T* __restrict z1, const Bl
   if (!s.pool) {
     for (int64_t w = 0; w < s.W; ++w) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[w * C + c] = std::max(T(0), z0[w * C + c] * scale[c] + offset[c]);
+      for (int64_t c = 0; c < C; ++c) out[w * C + c] = max_of(T(0), z0[w * C + c] * scale[c] + offset[c]);
     }
     return;
   }
@@ -102,8 +108,8 @@ inline void forward_row(const T* __restrict z0, const T* __restrict z1, const Bl
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T sc = scale[c], of = offset[c];
-      const T m = std::max(std::max(a[c] * sc + of, a[C + c] * sc + of), std::max(b[c] * sc + of, b[C + c] * sc + of));
-      o[c] = std::max(T(0), m);
+      const T m = max_of(max_of(a[c] * sc + of, a[C + c] * sc + of), max_of(b[c] * sc + of, b[C + c] * sc + of));
+      o[c] = max_of(T(0), m);
     }
   }
 }
@@ -259,11 +265,53 @@ struct DirectConv {
   int64_t taps() const { return Cin * k * k; }
 };
 
+// Lanes of one 64-byte vector register: the channel block the register-blocked loops below work on.
+template <typename T>
+constexpr int64_t kLanes = 64 / int64_t(sizeof(T));
+
+// z[ow][c] for ow in [ow0, ow0 + OWB), c in [c0, c0 + kLanes): OWB accumulator vectors live in registers
+// across all taps (the plain loop below would load and store each of them once per tap).
+template <typename T, int OWB>
+inline void direct_conv_tile(const T* __restrict img, const DirectConv& d, const T* __restrict wt, int64_t oh,
+                             int64_t ow0, int64_t c0, int64_t C, T* __restrict zrow) {
+  constexpr int64_t V = kLanes<T>;
+  T acc[OWB][V];
+#pragma GCC unroll 16
+  for (int j = 0; j < OWB; ++j)
+#pragma omp simd
+    for (int64_t l = 0; l < V; ++l) acc[j][l] = T(0);
+  for (int64_t ci = 0; ci < d.Cin; ++ci)
+    for (int64_t kh = 0; kh < d.k; ++kh) {
+      const T* xr = img + (ci * d.Hpad + oh * d.stride + kh) * d.Wpad + ow0 * d.stride;
+      for (int64_t kw = 0; kw < d.k; ++kw) {
+        const T* wr = wt + ((ci * d.k + kh) * d.k + kw) * C + c0;
+#pragma GCC unroll 16
+        for (int j = 0; j < OWB; ++j) {
+          const T xv = xr[j * d.stride + kw];
+#pragma omp simd
+          for (int64_t l = 0; l < V; ++l) acc[j][l] += xv * wr[l];
+        }
+      }
+    }
+#pragma GCC unroll 16
+  for (int j = 0; j < OWB; ++j)
+#pragma omp simd
+    for (int64_t l = 0; l < V; ++l) zrow[(ow0 + j) * C + c0 + l] = acc[j][l];
+}
+
 // z row oh of image `img` (img points at that image's padded input).
 template <typename T>
 inline void direct_conv_row(const T* __restrict img, const DirectConv& d, const T* __restrict wt, int64_t oh,
                             int64_t W, int64_t C, T* __restrict zrow) {
-  std::fill(zrow, zrow + W * C, T(0));
+  constexpr int64_t V = kLanes<T>;
+  const int64_t c_tiled = C / V * V;
+  for (int64_t c0 = 0; c0 < c_tiled; c0 += V) {
+    int64_t ow = 0;
+    for (; ow + 8 <= W; ow += 8) direct_conv_tile<T, 8>(img, d, wt, oh, ow, c0, C, zrow);
+    for (; ow < W; ++ow) direct_conv_tile<T, 1>(img, d, wt, oh, ow, c0, C, zrow);
+  }
+  if (c_tiled == C) return;
+  for (int64_t ow = 0; ow < W; ++ow) std::fill(zrow + ow * C + c_tiled, zrow + (ow + 1) * C, T(0));
   for (int64_t ci = 0; ci < d.Cin; ++ci) {
     for (int64_t kh = 0; kh < d.k; ++kh) {
       const T* xr = img + (ci * d.Hpad + oh * d.stride + kh) * d.Wpad;
@@ -273,17 +321,59 @@ inline void direct_conv_row(const T* __restrict img, const DirectConv& d, const 
           const T xv = xr[ow * d.stride + kw];
           T* zp = zrow + ow * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) zp[c] += xv * wr[c];
+          for (int64_t c = c_tiled; c < C; ++c) zp[c] += xv * wr[c];
         }
       }
     }
   }
 }
 
+// The k x k taps of one input channel for channels [c0, c0 + kLanes): K*K accumulator vectors in registers
+// across the row's positions.
+template <typename T, int K>
+inline void direct_dw_tile(const T* __restrict img, const DirectConv& d, const T* __restrict dzrow, int64_t oh,
+                           int64_t W, int64_t ci, int64_t c0, int64_t C, T* __restrict dw) {
+  constexpr int64_t V = kLanes<T>;
+  T acc[K * K][V];
+  T* base = dw + ci * K * K * C + c0;
+#pragma GCC unroll 16
+  for (int j = 0; j < K * K; ++j)
+#pragma omp simd
+    for (int64_t l = 0; l < V; ++l) acc[j][l] = base[j * C + l];
+  const T* x0 = img + (ci * d.Hpad + oh * d.stride) * d.Wpad;
+  for (int64_t ow = 0; ow < W; ++ow) {
+    const T* g = dzrow + ow * C + c0;
+#pragma GCC unroll 16
+    for (int kh = 0; kh < K; ++kh)
+#pragma GCC unroll 16
+      for (int kw = 0; kw < K; ++kw) {
+        const T xv = x0[kh * d.Wpad + ow * d.stride + kw];
+#pragma omp simd
+        for (int64_t l = 0; l < V; ++l) acc[kh * K + kw][l] += xv * g[l];
+      }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < K * K; ++j)
+#pragma omp simd
+    for (int64_t l = 0; l < V; ++l) base[j * C + l] = acc[j][l];
+}
+
 // dw[tap][c] += sum over the row's positions of x[tap at position] * dz[position][c].
 template <typename T>
 inline void direct_dw_row(const T* __restrict img, const DirectConv& d, const T* __restrict dzrow, int64_t oh,
                           int64_t W, int64_t C, T* __restrict dw) {
+  constexpr int64_t V = kLanes<T>;
+  int64_t c_tiled = 0;
+  if (d.k <= 3) {
+    c_tiled = C / V * V;
+    for (int64_t c0 = 0; c0 < c_tiled; c0 += V)
+      for (int64_t ci = 0; ci < d.Cin; ++ci) {
+        if (d.k == 3) direct_dw_tile<T, 3>(img, d, dzrow, oh, W, ci, c0, C, dw);
+        else if (d.k == 2) direct_dw_tile<T, 2>(img, d, dzrow, oh, W, ci, c0, C, dw);
+        else direct_dw_tile<T, 1>(img, d, dzrow, oh, W, ci, c0, C, dw);
+      }
+  }
+  if (c_tiled == C) return;
   for (int64_t ci = 0; ci < d.Cin; ++ci) {
     for (int64_t kh = 0; kh < d.k; ++kh) {
       const T* xr = img + (ci * d.Hpad + oh * d.stride + kh) * d.Wpad;
@@ -293,7 +383,7 @@ inline void direct_dw_row(const T* __restrict img, const DirectConv& d, const T*
           const T xv = xr[ow * d.stride + kw];
           const T* g = dzrow + ow * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) wr[c] += xv * g[c];
+          for (int64_t c = c_tiled; c < C; ++c) wr[c] += xv * g[c];
         }
       }
     }
