@@ -5,9 +5,21 @@ Import torch before the compiled extension so one OpenMP runtime (torch's libgom
 
 import torch  # noqa: F401  (must precede metakernels._C)
 
+from . import distributed  # noqa: F401  (metakernels.distributed.pcgrad after `import metakernels`)
 from ._backend import cpu_backend, extension_available, extension_error
+from .compat import PCGrad
 from .functional import ParameterLayout, TaskParams, task_batched_call
-from .learners import ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, MultiTaskBaseline, Reptile
+from .learners import (
+    ANIL,
+    FOMAML,
+    MAML,
+    MAMLPlusPlus,
+    MetaPCGrad,
+    MetaSGD,
+    MultiTaskBaseline,
+    Reptile,
+    meta_pcgrad_backward,
+)
 from .ops import inner_step, pcgrad, reptile_meta_gradient, reptile_update
 
 __version__ = "0.1.0"
@@ -18,8 +30,10 @@ __all__ = [
     "FOMAML",
     "MAML",
     "MAMLPlusPlus",
+    "MetaPCGrad",
     "MetaSGD",
     "MultiTaskBaseline",
+    "PCGrad",
     "ParameterLayout",
     "Reptile",
     "TaskParams",
@@ -28,6 +42,7 @@ __all__ = [
     "extension_available",
     "extension_error",
     "inner_step",
+    "meta_pcgrad_backward",
     "pcgrad",
     "reptile_meta_gradient",
     "reptile_update",

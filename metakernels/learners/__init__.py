@@ -4,6 +4,7 @@ from .anil import ANIL
 from .base import GradientLearner, per_task_losses
 from .maml import FOMAML, MAML, MultiTaskBaseline
 from .maml_plus_plus import MAMLPlusPlus, multi_step_loss_weights
+from .meta_pcgrad import MetaPCGrad, meta_pcgrad_backward
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
 
@@ -14,8 +15,10 @@ __all__ = [
     "MAML",
     "MAMLPlusPlus",
     "MetaSGD",
+    "MetaPCGrad",
     "MultiTaskBaseline",
     "Reptile",
+    "meta_pcgrad_backward",
     "multi_step_loss_weights",
     "per_task_losses",
 ]
