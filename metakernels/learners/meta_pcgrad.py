@@ -74,9 +74,12 @@ def meta_pcgrad_backward(
             h'_g = sum_k W[g, k] h_k.
 
     Returns:
-        The meta-loss of the whole batch, sum_g (n_g / T) meta_loss_g (detached; with the learner's
-        ``nonfinite="skip"``, each group's meta_loss is over that group's finite tasks); with
+        The meta-loss of the whole batch, sum_g (n_g / T) meta_loss_g (detached); with
         return_coefficients, (meta-loss, W).
+
+    With the learner's ``nonfinite="skip"``, each group's meta_loss (and h_g) is over that group's finite
+    tasks, while the group keeps its weight n_g / T (meta_loss does not say how many tasks it kept), and a
+    group none of whose tasks is finite raises meta_loss's FloatingPointError.
 
     Raises:
         TypeError: a learner without meta_loss, or with no meta-parameter that requires grad.
