@@ -94,8 +94,9 @@ def test_reference_matches_functional_linear(activation):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_backward_match_reference(backend, dtype, activation, shape):
-    if backend == "triton" and shape[2] * shape[3] > 10_000:
-        pytest.skip("interpreter: the BLAS-sized shape runs on the cpp and reference backends")
+    if backend == "triton" and (shape[2] * shape[3] > 10_000 or dtype == torch.float32):
+        pytest.skip("interpreter: float64 at the small shapes (the Triton kernel computes in the input's dtype "
+                    "with the same code; float32 is in the hypothesis test)")
     x, weight, bias = make_inputs(*shape, dtype=dtype, seed=2)
     out = task_linear(x, weight, bias, activation)
     check_forward(out, x, weight, bias, activation)

@@ -17,10 +17,18 @@
 namespace metakernels {
 
 // Products of at least this many multiply-adds go to BLAS (MKL through at::mm), smaller ones to the
-// register-blocked kernel of csrc/kernels/small_gemm.h. Below it the ~2-4 us of an ATen call (tensor
-// wrappers, dispatch, MKL's packing) is not recovered; above it MKL's cache blocking wins. See
-// benchmarks/ or the op report for the measured crossover.
-constexpr int64_t kBlasMacs = int64_t{1} << 18;
+// register-blocked kernel of csrc/kernels/small_gemm.h. Measured on the dev VM (one thread, float32, noisy:
+// other jobs on both cores), small kernel against at::mm on from_blob views, forward product x W^T
+// (the small kernel's time includes transposing W) and weight product d^T x:
+//   N = 5,  128 x 128 (82k MACs): forward 5.5 vs 5.2 us, weight 3.3 vs 4.7 us
+//   N = 10, 128 x 128 (164k):     forward 10.2 vs 8.4 us, weight 4.7 vs 6.1 us
+//   N = 5,  256 x 256 (328k):     forward 22.5 vs 11.9 us, weight 13.4 vs 11.0 us
+//   N = 10, 40 x 40 (16k):        forward 1.0 vs 3.4 us, weight 0.7 vs 2.6 us
+// i.e. ~2-3 us of fixed cost in the ATen call (tensor wrappers, dispatch, MKL's packing) against the small
+// kernel's lower rate on large operands (its B panel leaves L1) and the transpose. The crossover is near
+// 100k MACs for the forward products and 300k for the weight products; one threshold serves both (a product
+// the policy calls large may read a transposed B, so the layout decision and the kernel must agree).
+constexpr int64_t kBlasMacs = int64_t{1} << 17;
 
 struct BlasGemm {
   bool large(int64_t m, int64_t n, int64_t k) const { return m * n * k >= kBlasMacs; }

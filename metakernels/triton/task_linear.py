@@ -27,9 +27,20 @@ INIT_ZERO, INIT_ACCUMULATE, INIT_ROW_BIAS, INIT_COLUMN_BIAS = 0, 1, 2, 3
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1: no overflow; the absolute error is a few ulp.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    """tanh to a few ulp relative, also near 0: tanh|x| = -m / (2 + m) with m = expm1(-2|x|) in (-1, 0].
+
+    There is no expm1 in Triton (nor tanh in the interpreter); (1 - e) / (1 + e) with e = exp(-2|x|) loses
+    the relative accuracy of small results (absolute error ~eps). Kahan's expm1: with u = exp(y) rounded,
+    (u - 1) * y / log(u) is accurate to a few ulp (y itself when u rounds to 1).
+    """
+    y = -2.0 * tl.abs(x)
+    u = tl.exp(y)
+    # |x| > 20: tanh rounds to 1 in float32 and float64, and u may be subnormal (inexact log) or 0
+    big = y < -40.0
+    safe = tl.where((u == 1.0) | big, 0.5, u)  # no log(0), 0 / 0 or subnormal log in the lanes replaced below
+    m = tl.where(u == 1.0, y, (safe - 1.0) * y / tl.log(safe))
+    m = tl.where(big, -1.0, m)
+    t = -m / (2.0 + m)
     return tl.where(x < 0, -t, t)
 
 
