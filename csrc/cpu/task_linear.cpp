@@ -47,8 +47,8 @@ LinearDims check_task_linear_args(const char* op, const at::Tensor& x, const at:
 
 }  // namespace
 
-at::Tensor task_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
-                           c10::string_view activation) {
+at::Tensor task_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                           const std::optional<at::Tensor>& bias_in, c10::string_view activation) {
   const kernels::Activation act = parse_activation("task_linear", activation);
   const LinearDims d = check_task_linear_args("task_linear", x_in, weight_in, bias_in);
   const at::Tensor x = x_in.contiguous();

@@ -54,11 +54,17 @@ struct MlpSpec {
     for (int64_t l = 0; l < num_layers; ++l) p += out(l) * in(l) + out(l);
     return p;
   }
-  // Elements of h^T for l = 0..L (x^T, the hidden activations, and z_L^T).
+  // Elements of the activations h_1..h_L of one task (the hidden layers' outputs and z_L).
   int64_t activation_elems() const {
     int64_t e = 0;
-    for (int64_t l = 0; l <= num_layers; ++l) e += widths[l] * samples;
+    for (int64_t l = 1; l <= num_layers; ++l) e += widths[l] * samples;
     return e;
+  }
+  // Elements of the largest weight matrix.
+  int64_t max_weight() const {
+    int64_t m = 0;
+    for (int64_t l = 0; l < num_layers; ++l) m = std::max(m, in(l) * out(l));
+    return m;
   }
   // Multiply-adds of one task's forward pass.
   int64_t forward_macs() const {
@@ -80,17 +86,12 @@ struct MlpWorkspace {
   T* vt = nullptr;                // V^T of the current layer (HVP)
 
   static int64_t elems(const MlpSpec& s, bool hvp) {
-    const int64_t w = s.max_width() * s.samples;
-    const int64_t acts = s.activation_elems() - s.widths[0] * s.samples;
-    int64_t weight = 0;
-    for (int64_t l = 0; l < s.num_layers; ++l) weight = std::max(weight, s.in(l) * s.out(l));
+    const int64_t w = s.max_width() * s.samples, acts = s.activation_elems(), weight = s.max_weight();
     return hvp ? 2 * acts + 5 * w + 2 * weight : acts + 2 * w + weight;
   }
 
   MlpWorkspace(const MlpSpec& s, T* base, bool hvp) : h(s.num_layers + 1, nullptr), rh(s.num_layers + 1, nullptr) {
-    const int64_t w = s.max_width() * s.samples;
-    int64_t weight = 0;
-    for (int64_t l = 0; l < s.num_layers; ++l) weight = std::max(weight, s.in(l) * s.out(l));
+    const int64_t w = s.max_width() * s.samples, weight = s.max_weight();
     T* p = base;
     for (int64_t l = 1; l <= s.num_layers; ++l) h[l] = p, p += s.widths[l] * s.samples;
     if (hvp)

@@ -99,7 +99,8 @@ void task_linear_backward(int64_t tasks, const T* grad_out, const T* x, const T*
   const int nt = task_threads(tasks, 2 * n * in * outf * std::max<int64_t>(products, 1), threads);
   for_each_task<T>(tasks, task_linear_backward_scratch(n, outf), nt, [&](int64_t t, T* scratch) {
     task_linear_backward_task(grad_out + t * n * outf, x + t * n * in, w + t * outf * in, out + t * n * outf,
-                              d_x != nullptr ? d_x + t * n * in : nullptr, d_w != nullptr ? d_w + t * outf * in : nullptr,
+                              d_x != nullptr ? d_x + t * n * in : nullptr,
+                              d_w != nullptr ? d_w + t * outf * in : nullptr,
                               d_b != nullptr ? d_b + t * outf : nullptr, n, in, outf, act, scratch, gemm);
   });
 }
