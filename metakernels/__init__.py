@@ -20,7 +20,7 @@ from .learners import (
     Reptile,
     meta_pcgrad_backward,
 )
-from .ops import inner_step, pcgrad, reptile_meta_gradient, reptile_update
+from .ops import conv_block, inner_step, mlp_loss_grad, pcgrad, reptile_meta_gradient, reptile_update, task_linear
 
 __version__ = "0.1.0"
 
@@ -41,7 +41,10 @@ __all__ = [
     "cpu_backend",
     "extension_available",
     "extension_error",
+    "conv_block",
     "inner_step",
+    "mlp_loss_grad",
+    "task_linear",
     "meta_pcgrad_backward",
     "pcgrad",
     "reptile_meta_gradient",

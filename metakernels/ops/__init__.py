@@ -12,5 +12,5 @@ OP_NAMES = ("inner_step", "inner_step_backward", "inner_step_out", "reptile_upda
             "conv_block", "conv_block_backward", "task_linear", "task_linear_backward", "mlp_loss_grad",
             "mlp_loss_grad_backward")
 
-__all__ = ["conv_block", "inner_step", "mlp_loss_grad", "pcgrad", "task_linear", "reptile_update",
-           "reptile_meta_gradient", "OP_NAMES"]
+__all__ = ["conv_block", "inner_step", "mlp_loss_grad", "pcgrad", "pcgrad_coefficients", "pcgrad_combine",
+           "pcgrad_gram", "task_linear", "reptile_update", "reptile_meta_gradient", "OP_NAMES"]
