@@ -22,6 +22,8 @@ through; autograd raises a clear error if asked to (see _not_differentiable).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._library import LIBRARY
@@ -58,6 +60,9 @@ def pcgrad(
     return_coefficients: bool = False,
     shared_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    process_group: Any = None,
+    sharding: str = "parameters",
+    gather: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """PCGrad's combined update of T task gradients, fused: two passes over grads instead of O(T^2).
 
@@ -100,6 +105,13 @@ def pcgrad(
             shrink it by 1/T). None (default): all parameters are projected together, as the PyTorch
             wrapper does.
         out: optional contiguous [P] buffer of grads' dtype to write the update into. Not differentiable.
+        process_group: a torch.distributed process group across whose ranks the task gradients are sharded
+            (torch.distributed.group.WORLD for the default group): the call is then
+            metakernels.distributed.pcgrad (see there), which returns this rank's shard of the update and
+            exchanges only the T x T Gram matrix. None (default): this process holds the whole [T, P] batch.
+        sharding: with process_group: "parameters" (grads is this rank's [T, P_rank] columns) or "tasks"
+            (grads is this rank's [T_rank, P] tasks; one all_to_all turns it into column shards).
+        gather: with process_group: return the whole [P] update on every rank instead of this rank's shard.
 
     Returns:
         The update [P] in grads' dtype (``out`` when given); with return_coefficients, also W [T, T]
@@ -113,6 +125,19 @@ def pcgrad(
         length/dtype/device, an unknown reduction, eps < 0 or not finite.
         RuntimeError from autograd if the result is differentiated through.
     """
+    if process_group is not None:
+        if out is not None:
+            raise ValueError("metakernels.pcgrad: out= is not supported with process_group (the result is a shard)")
+        # Imported here: the op layer stays free of the distributed layer at import time.
+        from ..distributed.pcgrad import pcgrad as distributed_pcgrad
+
+        return distributed_pcgrad(
+            grads, process_group=process_group, sharding=sharding, reduction=reduction, include_self=include_self,
+            orders=orders, generator=generator, eps=eps, shared_mask=shared_mask, gather=gather,
+            return_coefficients=return_coefficients,
+        )
+    if sharding != "parameters" or gather:
+        raise ValueError("metakernels.pcgrad: sharding= and gather= need a process_group")
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"metakernels.pcgrad: grads must be a tensor, got {type(grads).__name__}")
     if grads.dim() != 2:
