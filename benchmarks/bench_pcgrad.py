@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     M.add_common_arguments(p)
     p.add_argument("--tasks", default="4,16,64", help="comma-separated T values")
     p.add_argument("--params", default=None, help="comma-separated P values (default: the grid)")
+    p.add_argument("--name", default=None, help="results file name (default: pcgrad, or pcgrad_quick)")
     args = p.parse_args(argv)
     machine = M.machine_from_arguments(args)
     if args.machine_json:
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{machine['info']['load_average_1m_end']:.2f} at the end"
     )
     paths = M.write_results(
-        "pcgrad_quick" if args.quick else "pcgrad",
+        args.name or ("pcgrad_quick" if args.quick else "pcgrad"),
         machine,
         {
             "quick": args.quick,
