@@ -27,6 +27,15 @@
 
 namespace metakernels::kernels {
 
+// Row kernels are compiled out of line: inlined into the threaded drivers (several row sources and sinks
+// per lambda) they ran out of registers and spilled addresses inside the vector loops (perf: the direct
+// path's backward took ~2x its isolated cost). One call per row is noise next to a row's work.
+#if defined(__GNUC__)
+#define MK_ROW_KERNEL __attribute__((noinline))
+#else
+#define MK_ROW_KERNEL
+#endif
+
 // max by value: std::max returns a reference, which stops GCC from vectorising a loop over temporaries.
 template <typename T>
 inline T max_of(T a, T b) {
@@ -45,28 +54,41 @@ struct BlockShape {
   int64_t pixels() const { return N * H * W; }
 };
 
-// Per-channel shifted sums of one range of pixels: s1 += sum(z - K), s2 += sum((z - K)^2) in double.
-// K (one sample of the channel) makes E[(z-K)^2] - E[z-K]^2 free of the cancellation that
-// E[z^2] - E[z]^2 suffers when |mean| >> std. A row's values are summed in T first (at most W terms),
-// then added to the double accumulators, so the inner loop stays in T's vector width.
+// Lanes of one 64-byte vector register: the channel block the register-blocked loops below work on.
 template <typename T>
-inline void shifted_sums_row(const T* __restrict z, int64_t W, int64_t C, const T* __restrict shift,
-                             T* __restrict r1, T* __restrict r2, double* __restrict s1, double* __restrict s2) {
-  std::fill(r1, r1 + C, T(0));
-  std::fill(r2, r2 + C, T(0));
-  for (int64_t w = 0; w < W; ++w) {
-    const T* zp = z + w * C;
+constexpr int64_t kLanes = 64 / int64_t(sizeof(T));
+
+// Sums over a range of rows keep one partial per (position in the row, channel): r[p*C + c] += term. Summing
+// along the row into r[c] instead chains a load-add-store through every position of the row (measured: the
+// backward's pass 1 then took 2x its pass 2, which does more arithmetic). flush_sums adds the partials into
+// the double accumulators (once per image: at most H terms per partial) and clears them.
+template <typename T>
+inline void flush_sums(T* __restrict r1, T* __restrict r2, int64_t npos, int64_t C, double* __restrict s1,
+                       double* __restrict s2) {
+  for (int64_t p = 0; p < npos; ++p) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T d = zp[c] - shift[c];
-      r1[c] += d;
-      r2[c] += d * d;
+      s1[c] += double(r1[p * C + c]);
+      s2[c] += double(r2[p * C + c]);
     }
   }
+  std::fill(r1, r1 + npos * C, T(0));
+  std::fill(r2, r2 + npos * C, T(0));
+}
+
+// Per-channel shifted sums of one row of pixels: r1 += z - K, r2 += (z - K)^2 (partials per position, see
+// flush_sums; the totals are accumulated in double). K (one sample of the channel) makes
+// E[(z-K)^2] - E[z-K]^2 free of the cancellation that E[z^2] - E[z]^2 suffers when |mean| >> std.
+template <typename T>
+MK_ROW_KERNEL void shifted_sums_row(const T* __restrict z, int64_t W, int64_t C, const T* __restrict shift,
+                                    T* __restrict r1, T* __restrict r2) {
+  for (int64_t w = 0; w < W; ++w) {
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    s1[c] += double(r1[c]);
-    s2[c] += double(r2[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      const T d = z[w * C + c] - shift[c];
+      r1[w * C + c] += d;
+      r2[w * C + c] += d * d;
+    }
   }
 }
 
@@ -90,7 +112,7 @@ inline void finish_stats(const double* s1, const double* s2, const T* shift, int
 
 // One block-output row from the conv-output rows it pools (z0, z1; z1 unused without pool).
 template <typename T>
-inline void forward_row(const T* __restrict z0, const T* __restrict z1, const BlockShape& s,
+MK_ROW_KERNEL void forward_row(const T* __restrict z0, const T* __restrict z1, const BlockShape& s,
                         const T* __restrict scale, const T* __restrict offset, T* __restrict out) {
   const int64_t C = s.C;
   if (!s.pool) {
@@ -114,28 +136,61 @@ inline void forward_row(const T* __restrict z0, const T* __restrict z1, const Bl
   }
 }
 
-// The window's routing for one channel: which of the 4 positions (row-major) is the first maximum of y,
-// and whether that maximum passes the ReLU. Same comparisons as torch's max_pool2d (strict >, NaN wins).
+// The window's routing for one channel: which of the 4 positions (row-major) is the first maximum of y, and
+// that maximum. torch's max_pool2d takes a later value when `val > max || isnan(val)`; here a later value wins
+// when !(val <= max), one compare instruction. The two differ only when the running maximum is NaN, and a NaN
+// anywhere in a channel's conv output makes its mean, hence every y of the channel, NaN: then both pick the
+// last position. Branch-free with the index in T, so the channel loops vectorise (a version with std::isnan
+// and an out-parameter ran scalar: 5x slower).
 template <typename T>
-inline int window_argmax(T y0, T y1, T y2, T y3, T* ymax) {
-  int idx = 0;
-  T m = y0;
-  if (y1 > m || std::isnan(y1)) { m = y1; idx = 1; }
-  if (y2 > m || std::isnan(y2)) { m = y2; idx = 2; }
-  if (y3 > m || std::isnan(y3)) { m = y3; idx = 3; }
-  *ymax = m;
-  return idx;
+struct WindowMax {
+  T idx, m;
+};
+
+template <typename T>
+inline WindowMax<T> window_argmax(T y0, T y1, T y2, T y3) {
+  T m = y0, idx = T(0);
+  const bool t1 = !(y1 <= m);
+  m = t1 ? y1 : m;
+  idx = t1 ? T(1) : idx;
+  const bool t2 = !(y2 <= m);
+  m = t2 ? y2 : m;
+  idx = t2 ? T(2) : idx;
+  const bool t3 = !(y3 <= m);
+  m = t3 ? y3 : m;
+  idx = t3 ? T(3) : idx;
+  return {idx, m};
 }
 
-// Backward pass 1 over one block-output row: S1 += sum dy, S2 += sum dy*x_hat (row partials r1, r2 in T).
+// The window's maximum of y and the conv output z at that (first) maximum: what pass 1 needs.
 template <typename T>
-inline void backward_sums_row(const T* __restrict z0, const T* __restrict z1, const T* __restrict go,
-                              const BlockShape& s, const T* __restrict scale, const T* __restrict offset,
-                              const T* __restrict mean, const T* __restrict invstd, T* __restrict r1,
-                              T* __restrict r2, double* __restrict s1, double* __restrict s2) {
+struct WindowPick {
+  T m, z;
+};
+
+template <typename T>
+inline WindowPick<T> window_pick(T y0, T y1, T y2, T y3, T z0, T z1, T z2, T z3) {
+  T m = y0, z = z0;
+  const bool t1 = !(y1 <= m);
+  m = t1 ? y1 : m;
+  z = t1 ? z1 : z;
+  const bool t2 = !(y2 <= m);
+  m = t2 ? y2 : m;
+  z = t2 ? z2 : z;
+  const bool t3 = !(y3 <= m);
+  m = t3 ? y3 : m;
+  z = t3 ? z3 : z;
+  return {m, z};
+}
+
+// Backward pass 1 over one block-output row: partials (per output position, see flush_sums) of S1 = sum dy
+// and S2 = sum dy*x_hat.
+template <typename T>
+MK_ROW_KERNEL void backward_sums_row(const T* __restrict z0, const T* __restrict z1, const T* __restrict go,
+                                     const BlockShape& s, const T* __restrict scale, const T* __restrict offset,
+                                     const T* __restrict mean, const T* __restrict invstd, T* __restrict r1,
+                                     T* __restrict r2) {
   const int64_t C = s.C;
-  std::fill(r1, r1 + C, T(0));
-  std::fill(r2, r2 + C, T(0));
   if (!s.pool) {
     for (int64_t w = 0; w < s.W; ++w) {
       const T* zp = z0 + w * C;
@@ -143,33 +198,28 @@ inline void backward_sums_row(const T* __restrict z0, const T* __restrict z1, co
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const T y = zp[c] * scale[c] + offset[c];
-        const T dy = y > T(0) ? g[c] : T(0);
-        r1[c] += dy;
-        r2[c] += dy * ((zp[c] - mean[c]) * invstd[c]);
+        const T gv = g[c];  // loaded unconditionally: a conditional load is control flow to GCC
+        const T dy = y > T(0) ? gv : T(0);
+        r1[w * C + c] += dy;
+        r2[w * C + c] += dy * ((zp[c] - mean[c]) * invstd[c]);
       }
     }
-  } else {
-    for (int64_t pw = 0; pw < s.Wp(); ++pw) {
-      const T* a = z0 + 2 * pw * C;
-      const T* b = z1 + 2 * pw * C;
-      const T* g = go + pw * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T sc = scale[c], of = offset[c];
-        const T za = a[c], zb = a[C + c], zc = b[c], zd = b[C + c];
-        T m;
-        const int idx = window_argmax(za * sc + of, zb * sc + of, zc * sc + of, zd * sc + of, &m);
-        const T zarg = idx == 0 ? za : idx == 1 ? zb : idx == 2 ? zc : zd;
-        const T dy = m > T(0) ? g[c] : T(0);
-        r1[c] += dy;
-        r2[c] += dy * ((zarg - mean[c]) * invstd[c]);
-      }
-    }
+    return;
   }
+  for (int64_t pw = 0; pw < s.Wp(); ++pw) {
+    const T* a = z0 + 2 * pw * C;
+    const T* b = z1 + 2 * pw * C;
+    const T* g = go + pw * C;
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    s1[c] += double(r1[c]);
-    s2[c] += double(r2[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      const T sc = scale[c], of = offset[c];
+      const T za = a[c], zb = a[C + c], zc = b[c], zd = b[C + c];
+      const WindowPick<T> wp = window_pick(za * sc + of, zb * sc + of, zc * sc + of, zd * sc + of, za, zb, zc, zd);
+      const T gv = g[c];
+      const T dy = wp.m > T(0) ? gv : T(0);
+      r1[pw * C + c] += dy;
+      r2[pw * C + c] += dy * ((wp.z - mean[c]) * invstd[c]);
+    }
   }
 }
 
@@ -193,7 +243,7 @@ struct DzCoefficients {
 // dz0/dz1 are the rows of z0/z1 (z1/dz1 unused without pool). Positions no window covers (the last row
 // and column of an odd-sized map) get dy = 0.
 template <typename T>
-inline void backward_dz_row(const T* __restrict z0, const T* __restrict z1, const T* __restrict go,
+MK_ROW_KERNEL void backward_dz_row(const T* __restrict z0, const T* __restrict z1, const T* __restrict go,
                             const BlockShape& s, const T* __restrict scale, const T* __restrict offset,
                             const T* __restrict mean, const DzCoefficients<T>& k, T* __restrict dz0,
                             T* __restrict dz1) {
@@ -226,14 +276,13 @@ inline void backward_dz_row(const T* __restrict z0, const T* __restrict z1, cons
     for (int64_t c = 0; c < C; ++c) {
       const T sc = scale[c], of = offset[c];
       const T za = a[c], zb = a[C + c], zc = b[c], zd = b[C + c];
-      T m;
-      const int idx = window_argmax(za * sc + of, zb * sc + of, zc * sc + of, zd * sc + of, &m);
-      const T g1 = m > T(0) ? g[c] : T(0);
+      const WindowMax<T> wm = window_argmax(za * sc + of, zb * sc + of, zc * sc + of, zd * sc + of);
+      const T g1 = wm.m > T(0) ? g[c] : T(0);
       const T mc = mean[c], kk = k1[c], bb = kb[c], dd = kd[c];
-      oa[c] = kk * (idx == 0 ? g1 : T(0)) + bb + dd * (za - mc);
-      oa[C + c] = kk * (idx == 1 ? g1 : T(0)) + bb + dd * (zb - mc);
-      ob[c] = kk * (idx == 2 ? g1 : T(0)) + bb + dd * (zc - mc);
-      ob[C + c] = kk * (idx == 3 ? g1 : T(0)) + bb + dd * (zd - mc);
+      oa[c] = kk * (wm.idx == T(0) ? g1 : T(0)) + bb + dd * (za - mc);
+      oa[C + c] = kk * (wm.idx == T(1) ? g1 : T(0)) + bb + dd * (zb - mc);
+      ob[c] = kk * (wm.idx == T(2) ? g1 : T(0)) + bb + dd * (zc - mc);
+      ob[C + c] = kk * (wm.idx == T(3) ? g1 : T(0)) + bb + dd * (zd - mc);
     }
   }
   if (s.W % 2 == 1) {  // the column no window covers
@@ -248,7 +297,7 @@ inline void backward_dz_row(const T* __restrict z0, const T* __restrict z1, cons
 
 // dz of a conv-output row that no window covers (the last row of an odd-height map under pool).
 template <typename T>
-inline void backward_dz_uncovered_row(const T* __restrict z, int64_t W, int64_t C, const T* __restrict mean,
+MK_ROW_KERNEL void backward_dz_uncovered_row(const T* __restrict z, int64_t W, int64_t C, const T* __restrict mean,
                                       const DzCoefficients<T>& k, T* __restrict dz) {
   for (int64_t w = 0; w < W; ++w) {
 #pragma omp simd
@@ -265,29 +314,31 @@ struct DirectConv {
   int64_t taps() const { return Cin * k * k; }
 };
 
-// Lanes of one 64-byte vector register: the channel block the register-blocked loops below work on.
-template <typename T>
-constexpr int64_t kLanes = 64 / int64_t(sizeof(T));
-
 // z[ow][c] for ow in [ow0, ow0 + OWB), c in [c0, c0 + kLanes): OWB accumulator vectors live in registers
 // across all taps (the plain loop below would load and store each of them once per tap).
-template <typename T, int OWB>
+// KC > 0 fixes the kernel size and S1 a unit stride at compile time, so the tap loops unroll into straight FMAs
+// with constant offsets (the runtime-k, runtime-stride loop spent ~3 instructions of address arithmetic per FMA).
+template <typename T, int OWB, int KC, bool S1>
 inline void direct_conv_tile(const T* __restrict img, const DirectConv& d, const T* __restrict wt, int64_t oh,
                              int64_t ow0, int64_t c0, int64_t C, T* __restrict zrow) {
   constexpr int64_t V = kLanes<T>;
+  const int64_t k = KC > 0 ? KC : d.k;
+  const int64_t stride = S1 ? 1 : d.stride;
   T acc[OWB][V];
 #pragma GCC unroll 16
   for (int j = 0; j < OWB; ++j)
 #pragma omp simd
     for (int64_t l = 0; l < V; ++l) acc[j][l] = T(0);
   for (int64_t ci = 0; ci < d.Cin; ++ci)
-    for (int64_t kh = 0; kh < d.k; ++kh) {
-      const T* xr = img + (ci * d.Hpad + oh * d.stride + kh) * d.Wpad + ow0 * d.stride;
-      for (int64_t kw = 0; kw < d.k; ++kw) {
-        const T* wr = wt + ((ci * d.k + kh) * d.k + kw) * C + c0;
+#pragma GCC unroll 4
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const T* xr = img + (ci * d.Hpad + oh * stride + kh) * d.Wpad + ow0 * stride;
+#pragma GCC unroll 4
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const T* wr = wt + ((ci * k + kh) * k + kw) * C + c0;
 #pragma GCC unroll 16
         for (int j = 0; j < OWB; ++j) {
-          const T xv = xr[j * d.stride + kw];
+          const T xv = xr[j * stride + kw];
 #pragma omp simd
           for (int64_t l = 0; l < V; ++l) acc[j][l] += xv * wr[l];
         }
@@ -299,17 +350,30 @@ inline void direct_conv_tile(const T* __restrict img, const DirectConv& d, const
     for (int64_t l = 0; l < V; ++l) zrow[(ow0 + j) * C + c0 + l] = acc[j][l];
 }
 
+// One row's full channel tiles: 8-column tiles, then tails in halving tiles (a 1-column tile is one FMA
+// dependency chain: latency-bound).
+template <typename T, int KC, bool S1>
+inline void direct_conv_tiles(const T* __restrict img, const DirectConv& d, const T* __restrict wt, int64_t oh,
+                              int64_t W, int64_t c_tiled, int64_t C, T* __restrict zrow) {
+  for (int64_t c0 = 0; c0 < c_tiled; c0 += kLanes<T>) {
+    int64_t ow = 0;
+    for (; ow + 8 <= W; ow += 8) direct_conv_tile<T, 8, KC, S1>(img, d, wt, oh, ow, c0, C, zrow);
+    if (ow + 4 <= W) direct_conv_tile<T, 4, KC, S1>(img, d, wt, oh, ow, c0, C, zrow), ow += 4;
+    if (ow + 2 <= W) direct_conv_tile<T, 2, KC, S1>(img, d, wt, oh, ow, c0, C, zrow), ow += 2;
+    if (ow < W) direct_conv_tile<T, 1, KC, S1>(img, d, wt, oh, ow, c0, C, zrow);
+  }
+}
+
 // z row oh of image `img` (img points at that image's padded input).
 template <typename T>
-inline void direct_conv_row(const T* __restrict img, const DirectConv& d, const T* __restrict wt, int64_t oh,
+MK_ROW_KERNEL void direct_conv_row(const T* __restrict img, const DirectConv& d, const T* __restrict wt, int64_t oh,
                             int64_t W, int64_t C, T* __restrict zrow) {
   constexpr int64_t V = kLanes<T>;
   const int64_t c_tiled = C / V * V;
-  for (int64_t c0 = 0; c0 < c_tiled; c0 += V) {
-    int64_t ow = 0;
-    for (; ow + 8 <= W; ow += 8) direct_conv_tile<T, 8>(img, d, wt, oh, ow, c0, C, zrow);
-    for (; ow < W; ++ow) direct_conv_tile<T, 1>(img, d, wt, oh, ow, c0, C, zrow);
-  }
+  if (d.k == 3 && d.stride == 1) direct_conv_tiles<T, 3, true>(img, d, wt, oh, W, c_tiled, C, zrow);
+  else if (d.k == 3) direct_conv_tiles<T, 3, false>(img, d, wt, oh, W, c_tiled, C, zrow);
+  else if (d.stride == 1) direct_conv_tiles<T, 0, true>(img, d, wt, oh, W, c_tiled, C, zrow);
+  else direct_conv_tiles<T, 0, false>(img, d, wt, oh, W, c_tiled, C, zrow);
   if (c_tiled == C) return;
   for (int64_t ow = 0; ow < W; ++ow) std::fill(zrow + ow * C + c_tiled, zrow + (ow + 1) * C, T(0));
   for (int64_t ci = 0; ci < d.Cin; ++ci) {
@@ -360,7 +424,7 @@ inline void direct_dw_tile(const T* __restrict img, const DirectConv& d, const T
 
 // dw[tap][c] += sum over the row's positions of x[tap at position] * dz[position][c].
 template <typename T>
-inline void direct_dw_row(const T* __restrict img, const DirectConv& d, const T* __restrict dzrow, int64_t oh,
+MK_ROW_KERNEL void direct_dw_row(const T* __restrict img, const DirectConv& d, const T* __restrict dzrow, int64_t oh,
                           int64_t W, int64_t C, T* __restrict dw) {
   constexpr int64_t V = kLanes<T>;
   int64_t c_tiled = 0;
@@ -437,15 +501,17 @@ void block_forward(const Rows& rows, const BlockShape& s, const T* gamma, const 
   run_team(nt, [&](int tid, int nth) {
     int64_t n0, n1;
     column_range(s.N, tid, nth, &n0, &n1);
-    std::vector<T> buf(W * C), r1(C), r2(C);
+    std::vector<T> buf(W * C), r1(W * C, T(0)), r2(W * C, T(0));
     double* s1 = partial.data() + size_t(tid) * 2 * C;
     double* s2 = s1 + C;
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; ++n) {
       for (int64_t h = 0; h < s.H; ++h) {
         const T* zr = rows.row(n, h, buf.data());
-        shifted_sums_row(zr, W, C, shift.data(), r1.data(), r2.data(), s1, s2);
+        shifted_sums_row(zr, W, C, shift.data(), r1.data(), r2.data());
         if (copy_to) std::memcpy(copy_to + ((n * s.H + h) * W) * C, zr, sizeof(T) * W * C);
       }
+      flush_sums(r1.data(), r2.data(), W, C, s1, s2);
+    }
   });
   std::vector<double> s1(C, 0.0), s2(C, 0.0);
   for (int t = 0; t < nt; ++t)
@@ -509,16 +575,18 @@ void block_backward(const Rows& rows, const Sink& sink, const BlockShape& s, con
   run_team(nt, [&](int tid, int nth) {
     int64_t n0, n1;
     column_range(s.N, tid, nth, &n0, &n1);
-    std::vector<T> buf0(W * C), buf1(W * C), r1(C), r2(C);
+    std::vector<T> buf0(W * C), buf1(W * C), r1(Wp * C, T(0)), r2(Wp * C, T(0));
     double* s1 = partial.data() + size_t(tid) * 2 * C;
     double* s2 = s1 + C;
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; ++n) {
       for (int64_t ph = 0; ph < Hp; ++ph) {
         const T* z0 = rows.row(n, s.pool ? 2 * ph : ph, buf0.data());
         const T* z1 = s.pool ? rows.row(n, 2 * ph + 1, buf1.data()) : z0;
         backward_sums_row(z0, z1, go + ((n * Hp + ph) * Wp) * C, s, scale.data(), offset.data(), mean, invstd,
-                          r1.data(), r2.data(), s1, s2);
+                          r1.data(), r2.data());
       }
+      flush_sums(r1.data(), r2.data(), Wp, C, s1, s2);
+    }
   });
   std::vector<double> s1(C, 0.0), s2(C, 0.0);
   for (int t = 0; t < nt; ++t)
