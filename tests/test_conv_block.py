@@ -276,6 +276,15 @@ def test_chained_blocks(backend):
         close64(x, y, "two blocks gradient")
 
 
+def test_large_outputs_default_backend():
+    """Outputs past 8 MB (the C++ kernels ask for huge pages on those before the first write), forward and
+    backward against the reference, on the default CPU backend (the interpreter would take minutes)."""
+    case = make_case(1, 24, 5, (48, 48), 24, pool=False, seed=25)  # conv_out and out: 10.6 MB each
+    check_forward(case)
+    grad_out = torch.randn(case.out_shape(), dtype=torch.float64, generator=torch.Generator().manual_seed(26))
+    check_backward(case, grad_out)
+
+
 # --- backward ------------------------------------------------------------------------------------------
 
 

@@ -1,23 +1,24 @@
 // CPU kernels of metakernels::conv_block and conv_block_backward (math: csrc/kernels/conv_block.h and
 // metakernels/reference/conv_block.py).
 //
-// Where the time goes (Omniglot 4-conv net, T = 8 tasks x 75 query images, 2 cores):
+// Where the time goes (Omniglot 4-conv net, T = 8 tasks x 75 query images; noisy shared 2-core VM):
 // - Convolutions of 64 -> 64 channels run through at::convolution / at::convolution_backward (oneDNN), one
-//   call per task on channels_last inputs. Measured on the 14x14 layer: forward 35 ms per-task channels_last
-//   vs 62 ms per-task NCHW vs 37 ms as one grouped conv; backward (d_x, d_w) 74 ms per-task channels_last vs
-//   107 ms NCHW vs 96 ms grouped; im2col + bmm 58 ms for the forward GEMM alone. So activations stay
-//   channels-last per image between blocks: physical [T, N, H, W, C].
-// - A layer with few taps (Cin*k*k <= 27: the 1-channel input layer) is a poor GEMM (K = 9) and oneDNN took
-//   42 ms forward and 37-73 ms backward on it, much of it faulting in its 120 MB output. Here it runs as a
-//   direct convolution fused with the epilogue that never stores the conv output: the forward computes
-//   each row twice (statistics, then normalise+pool), the backward twice more (sums, then dz folded into
-//   the weight gradient), all from L1-resident rows.
+//   call per task on channels_last inputs. Measured on the 14x14 layer (2 threads): forward 35 ms per-task
+//   channels_last vs 62 ms per-task NCHW vs 37 ms as one grouped conv; backward (d_x, d_w) 74 ms per-task
+//   channels_last vs 107 ms NCHW vs 96 ms grouped; im2col + bmm 58 ms for the forward GEMM alone. So
+//   activations stay channels-last per image between blocks: physical [T, N, H, W, C]. These convolutions
+//   are ~70% of the net's forward+backward; the epilogue below ~15%.
+// - A layer with few taps (Cin*k*k <= 27: the 1-channel input layer) is a poor GEMM (K = 9): oneDNN took
+//   39 ms forward and 25 ms for the weight gradient (1 thread) before any epilogue over its 120 MB output.
+//   Here it runs as a register-tiled direct convolution fused with the epilogue that never stores the conv
+//   output: the forward computes each row twice (statistics, then normalise+pool), the backward twice more
+//   (sums, then dz folded into the weight gradient), all from L1-resident rows: 34 ms forward and 42 ms
+//   backward including the epilogue (1 thread).
 // - The epilogue (batch statistics, normalise, ReLU, 2x2 max-pool; and its backward) is two passes over
 //   the conv output per direction, vectorised over channels, threaded over images.
-#include <ATen/ops/constant_pad_nd.h>
-#include <ATen/ops/convolution.h>
-#include <ATen/ops/convolution_backward.h>
-#include <ATen/ops/stack.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "../kernels/conv_block.h"
 #include "common.h"
@@ -90,10 +91,31 @@ Geometry check_args(const at::Tensor& x, const at::Tensor& weight, const std::op
   return g;
 }
 
+// Asks for transparent huge pages on a large fresh output before its first touch. Outputs of tens of MB
+// (the block output, the saved conv output, d_x at T = 32: 120 MB each) come from mmap and cost a page
+// fault per 4 KB on first write: measured 35 ms to fault in 120 MB, 13 ms with huge pages; the second block's
+// forward at T = 32 (150 MB of outputs) took 350 ms of CPU instead of 400 (min of 8, 1 thread). Only a hint:
+// THP off, or memory that is already mapped, makes it a no-op.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 // A [T, N, C, H, W] tensor whose physical order is [T, N, H, W, C]: channels last per image.
 at::Tensor empty_channels_last_per_image(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W,
                                          const at::TensorOptions& opts) {
-  return at::empty({T, N, H, W, C}, opts).permute({0, 1, 4, 2, 3});
+  at::Tensor t = at::empty({T, N, H, W, C}, opts);
+  advise_huge_pages(t);
+  return t.permute({0, 1, 4, 2, 3});
 }
 
 // Raw [T, N, H, W, C] storage of a [T, N, C, H, W] tensor (a view when it already has that order).

@@ -34,8 +34,8 @@ from .._validation import check_like, shape_str
 # conv_out is saved for the backward only when recomputing the convolution there costs more than storing
 # it. A convolution with at most this many multiply-adds per output element (Cin * k * k) is recomputed:
 # on the CPU such a layer (the 1-channel or RGB input layer of a few-shot conv net) runs as a direct
-# convolution fused with its epilogue, 2-3x cheaper than reading back a stored output of 64 channels
-# per input pixel (120 MB for the first Omniglot layer at T = 8, N = 75).
+# convolution fused with its epilogue, which never materialises the conv output (120 MB for the first
+# Omniglot layer at T = 8, N = 75; see csrc/cpu/conv_block.cpp for the measurements).
 RECOMPUTE_MAX_TAPS = 27
 
 
