@@ -415,6 +415,23 @@ def test_second_order_maml_pattern(backend):
         close64(a, e, "meta-gradient")
 
 
+def _compiled_block_loss(x, w, g, bb):
+    return (conv_block(x, w, None, g, bb) ** 2).sum()
+
+
+# One compiled function for the module: the graph depends only on the fake kernels, not on the backend.
+_COMPILED_BLOCK_LOSS = torch.compile(_compiled_block_loss, fullgraph=True, backend="aot_eager")
+
+
+def test_torch_compile_matches_eager(backend):
+    case = make_case(2, 3, 4, (6, 6), 3, seed=27).requiring_grad()
+    args = (case.x, case.weight, case.bn_weight, case.bn_bias)
+    eager, compiled = _compiled_block_loss(*args), _COMPILED_BLOCK_LOSS(*args)
+    close64(compiled, eager, "compiled loss")
+    for a, e in zip(torch.autograd.grad(compiled, args), torch.autograd.grad(eager, args), strict=True):
+        close64(a, e, "compiled gradient")
+
+
 # --- opcheck ---------------------------------------------------------------------------------------------
 
 

@@ -224,7 +224,22 @@ def _optional(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like if t is None else t.contiguous()  # `like` as a dummy pointer the kernels never read
 
 
-def conv_block(x, weight, bias, bn_weight, bn_bias, stride, padding, eps, pool):
+def conv_block(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    eps: float,
+    pool: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op kernel (see metakernels/ops/conv_block.py): grouped conv through torch, Triton epilogue.
+
+    Returns:
+        (out, conv_out or an empty tensor, mean, invstd), in the layouts of reference.conv_block.conv_block.
+    """
     ho, wo = check_conv_block_args(x, weight, bias, bn_weight, bn_bias, stride, padding, eps, pool)
     num_tasks, n, cin = x.shape[:3]
     cout, k = weight.shape[1], weight.shape[3]
@@ -249,8 +264,24 @@ def conv_block(x, weight, bias, bn_weight, bn_bias, stride, padding, eps, pool):
 
 
 def conv_block_backward(
-    grad_out, x, weight, bn_weight, bn_bias, conv_out, mean, invstd, stride, padding, pool, output_mask
-):
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    conv_out: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    stride: int,
+    padding: int,
+    pool: bool,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first backward's kernel: Triton sums and dz kernels, the conv backward through torch.
+
+    Returns:
+        (d_x, d_weight, d_bias, d_bn_weight, d_bn_bias), an empty tensor for each masked-out output.
+    """
     ho, wo = check_conv_block_backward_args(
         grad_out, x, weight, bn_weight, bn_bias, conv_out, mean, invstd, stride, padding, pool, output_mask
     )
