@@ -55,6 +55,8 @@ if ! PY=$(command -v "$PY"); then
   echo "install_peers: no python at ${1:-${PYTHON:-$VIRTUAL_ENV/bin/python}}" >&2
   exit 2
 fi
+# Absolute, without resolving the venv's symlink: later steps run Python from inside unpacked sdists.
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 
 log() { echo "[install_peers] $*"; }
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
