@@ -8,7 +8,7 @@ import torch  # noqa: F401  (must precede metakernels._C)
 from . import distributed  # noqa: F401  (metakernels.distributed.pcgrad after `import metakernels`)
 from ._backend import cpu_backend, extension_available, extension_error
 from .compat import PCGrad
-from .functional import ParameterLayout, TaskParams, task_batched_call
+from .functional import CGResult, ParameterLayout, TaskParams, batched_cg, task_batched_call
 from .learners import (
     ANIL,
     FOMAML,
@@ -37,6 +37,8 @@ __all__ = [
     "ParameterLayout",
     "Reptile",
     "TaskParams",
+    "CGResult",
+    "batched_cg",
     "task_batched_call",
     "cpu_backend",
     "extension_available",

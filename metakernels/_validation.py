@@ -146,3 +146,60 @@ def check_reptile_update_args(theta: torch.Tensor, fast_weights: torch.Tensor, e
             f"(the columns of fast_weights), got shape {shape_str(theta)}"
         )
     check_finite_scalar(op, "epsilon", epsilon)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the memory t's elements occupy (conservative for strided tensors)."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if stride > 0)
+    first = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if stride < 0)
+    return (t.data_ptr() + first * t.element_size(), t.data_ptr() + (last + 1) * t.element_size())
+
+
+def check_cg_step_args(
+    x: torch.Tensor,
+    r: torch.Tensor,
+    p: torch.Tensor,
+    Ap: torch.Tensor,
+    rs: torch.Tensor,
+    status: torch.Tensor,
+    iterations: torch.Tensor,
+    threshold: torch.Tensor,
+) -> None:
+    """Validates cg_step's arguments (same messages as csrc/cpu/cg_step.cpp)."""
+    op = "cg_step"
+    check_task_batch(op, "x", x)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"metakernels.cg_step: x must be a float32 or float64 tensor, got dtype {x.dtype}")
+    for name, t in (("r", r), ("p", p), ("Ap", Ap)):
+        if t.shape != x.shape:
+            raise ValueError(f"metakernels.cg_step: {name} must have the shape of x {shape_str(x)}, got {shape_str(t)}")
+        check_like(op, name, t, "x", x)
+    for name, t in (("x", x), ("r", r), ("p", p)):
+        if not t.is_contiguous():
+            raise ValueError(f"metakernels.cg_step: {name} must be contiguous (it is updated in place)")
+    num_tasks = x.shape[0]
+    for name, t, dtype in (
+        ("rs", rs, torch.float64),
+        ("threshold", threshold, torch.float64),
+        ("status", status, torch.int32),
+        ("iterations", iterations, torch.int64),
+    ):
+        if t.dtype != dtype:
+            raise TypeError(f"metakernels.cg_step: {name} must be a {dtype} tensor, got dtype {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != num_tasks:
+            raise ValueError(
+                f"metakernels.cg_step: {name} must be [T] with T = {num_tasks} (the rows of x), "
+                f"got shape {shape_str(t)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"metakernels.cg_step: {name} is on {t.device} but x is on {x.device}")
+        if name != "threshold" and not t.is_contiguous():
+            raise ValueError(f"metakernels.cg_step: {name} must be contiguous (it is updated in place)")
+    vectors = (("x", x), ("r", r), ("p", p), ("Ap", Ap))
+    for i, (name_a, a) in enumerate(vectors):
+        for name_b, b in vectors[i + 1 :]:
+            (a0, a1), (b0, b1) = _span(a), _span(b)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"metakernels.cg_step: {name_a} and {name_b} must not share memory")

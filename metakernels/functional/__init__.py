@@ -1,6 +1,7 @@
 """Task-batched parameters and model calls: TaskParams ([T, P] + layout) and the task-batched forward."""
 
 from .batched_call import batch_statistics, task_batched_call
+from .cg import CGResult, batched_cg
 from .task_params import ParameterLayout, TaskParams
 
-__all__ = ["ParameterLayout", "TaskParams", "batch_statistics", "task_batched_call"]
+__all__ = ["CGResult", "ParameterLayout", "TaskParams", "batch_statistics", "batched_cg", "task_batched_call"]
