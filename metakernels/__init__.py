@@ -9,6 +9,7 @@ from . import distributed  # noqa: F401  (metakernels.distributed.pcgrad after `
 from ._backend import cpu_backend, extension_available, extension_error
 from .compat import PCGrad
 from .functional import CGResult, ParameterLayout, TaskParams, batched_cg, task_batched_call
+from .functional.hvp import hvp, hvp_operator
 from .learners import (
     ANIL,
     FOMAML,
@@ -40,6 +41,8 @@ __all__ = [
     "CGResult",
     "batched_cg",
     "task_batched_call",
+    "hvp",
+    "hvp_operator",
     "cpu_backend",
     "extension_available",
     "extension_error",
