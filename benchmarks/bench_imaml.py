@@ -384,7 +384,7 @@ def bench_workload(w: IWorkload, impls: Sequence[str], threads: int, quick: bool
         if impl == REFERENCE:
             ref_grads = grads
         row["fp32_grad_rel_dev_vs_loop"] = deviation(grads, ref_grads)["rel"] if ref_grads is not None else None
-        row.update(loss=loss.item(), **timing)
+        row.update(loss=loss.item(), load_1m_after=os.getloadavg()[0], **timing)
         rows.append(row)
         print(
             f"  [{threads} thr] {w.name:10} {impl:12} {timing['median_ms']:10.2f} ms  (IQR {timing['iqr_ms']:.2f}, "
@@ -691,7 +691,7 @@ def _csv_list(text: str) -> list[str]:
     return [s for s in (p.strip() for p in text.split(",")) if s]
 
 
-def _machine_record(args: argparse.Namespace) -> dict:
+def _machine_record() -> dict:
     machine = {"info": M.machine_info(), "note": SHARED_MACHINE_NOTE}
     record_origin(machine["info"])
     return machine
@@ -719,6 +719,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-steps", type=int, default=2, help="meta-steps per memory run (default 2)")
     p.add_argument("--memory-cap-gb", type=float, default=8.0, help="skip runs extrapolated beyond this (GiB)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first wait up to S seconds for the 1-minute load average to fall below 0.5",
+    )
     p.add_argument("--name", default=None, help="result file name (default imaml / imaml_quick / imaml_memory)")
     args = p.parse_args(argv)
 
@@ -739,8 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     threads_list = [int(t) for t in _csv_list(args.threads)]
     REFERENCE_OF["metakernels"] = args.mk_reference
 
+    M.wait_for_quiet(args.wait_quiet)
     load_start = os.getloadavg()
-    machine = _machine_record(args)
+    machine = _machine_record()
     versions = peer_versions()
     print(
         f"{machine['info']['cpu_model']} | {machine['info']['logical_cpus']} CPUs | commit "
