@@ -8,7 +8,7 @@ import torch  # noqa: F401  (must precede metakernels._C)
 from . import distributed  # noqa: F401  (metakernels.distributed.pcgrad after `import metakernels`)
 from ._backend import cpu_backend, extension_available, extension_error
 from .compat import PCGrad
-from .functional import CGResult, ParameterLayout, TaskParams, batched_cg, task_batched_call
+from .functional import CGResult, ParameterLayout, TaskParams, batched_cg, hessian_penalty, task_batched_call
 from .functional.hvp import hvp, hvp_operator
 from .learners import (
     ANIL,
@@ -43,6 +43,7 @@ __all__ = [
     "task_batched_call",
     "hvp",
     "hvp_operator",
+    "hessian_penalty",
     "cpu_backend",
     "extension_available",
     "extension_error",

@@ -21,30 +21,30 @@ struct Run {
   int64_t end;
 };
 
-// 64-byte vectors (GCC/Clang vector extensions): one AVX-512 register with -march=native here, split
-// into narrower registers by the compiler elsewhere. L is the (unaligned, aliasing) load type.
+// Vector width: one register of the widest ISA the extension is compiled for (-march=native): 64 bytes with
+// AVX-512 (32 registers), 32 with AVX2 (16 registers). A wider GCC vector than the ISA's registers is split
+// by the compiler, and the register tiles below then spill: on an AVX2-only EPYC, 64-byte vectors with the
+// AVX-512 tile sizes ran the T = 64, P = 1e6 Gram at ~10 GFLOP/s. L is the (unaligned, aliasing) load type.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float L __attribute__((vector_size(64), aligned(4), may_alias));
-  static constexpr int kWidth = 16;
-  // Columns per flush of the float32 accumulators into float64: each lane then sums at most 128 products
-  // in float32 before the partial sums are added in float64, so an entry of K errs by at most
+struct Simd {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  typedef T L __attribute__((vector_size(kVecBytes), aligned(sizeof(T)), may_alias));
+  static constexpr int kWidth = kVecBytes / int(sizeof(T));
+  // Columns per flush of the working-type accumulators into float64: each lane sums at most 128 products in
+  // its own type before the partial sums are added in float64, so a float32 entry of K errs by at most
   // gamma_128 = 128 u (7.6e-6 relative, worst case; ~sqrt(128) u typically) of sum_c |g_a,c g_b,c|,
   // however large P is. Flushing costs ~8 vector ops per pair per 128 FMA steps.
-  static constexpr int64_t kFlushColumns = 2048;
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef double L __attribute__((vector_size(64), aligned(8), may_alias));
-  static constexpr int kWidth = 8;
-  static constexpr int64_t kFlushColumns = 1024;
+  static constexpr int64_t kFlushColumns = 128 * kWidth;
 };
 
 typedef double D8 __attribute__((vector_size(64)));
+typedef double D4 __attribute__((vector_size(32), may_alias));
 typedef float F8 __attribute__((vector_size(32)));
 
 template <typename T>
@@ -52,17 +52,37 @@ inline typename Simd<T>::V load(const T* p) {
   return *reinterpret_cast<const typename Simd<T>::L*>(p);
 }
 
-// Adds a register accumulator's lanes into a float64 vector accumulator (float32: both halves widened).
-inline void flush(D8* dst, typename Simd<float>::V acc) {
-  const F8 lo = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7);
-  const F8 hi = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-  *dst += __builtin_convertvector(lo, D8) + __builtin_convertvector(hi, D8);
+// Adds a register accumulator's lanes into a float64 accumulator of 8 lanes (float32: widened; fewer than
+// 8 lanes: into the low lanes, the others stay 0). Only the sum of the 8 lanes is used.
+template <typename V>
+inline void flush(D8* dst, V acc) {
+  using E = std::remove_reference_t<decltype(acc[0])>;
+  constexpr int lanes = int(sizeof(V) / sizeof(E));
+  if constexpr (std::is_same_v<E, double> && lanes == 8) {
+    *dst += acc;
+  } else if constexpr (std::is_same_v<E, double> && lanes == 4) {
+    *reinterpret_cast<D4*>(dst) += acc;
+  } else if constexpr (lanes == 8) {
+    *dst += __builtin_convertvector(acc, D8);
+  } else {
+    static_assert(lanes == 16, "float accumulators of 8 or 16 lanes");
+    const F8 lo = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7);
+    const F8 hi = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+    *dst += __builtin_convertvector(lo, D8) + __builtin_convertvector(hi, D8);
+  }
 }
-inline void flush(D8* dst, typename Simd<double>::V acc) { *dst += acc; }
 
 // Rows per register tile. A 4 x 4 tile keeps 16 accumulators, 4 row vectors and one more in registers (21
 // of AVX-512's 32) and needs 8 loads per 16 FMAs; a diagonal tile (the same 4 rows) 4 loads per 10 FMAs.
+// AVX2 has 16 registers: 3 x 3 (9 + 3 + 1 = 13), 6 loads per 9 FMAs. Measured on one core of a 2-core AVX2
+// EPYC (thread CPU time, min of 7, T = 64, P = 1e6, loaded machine): tiles 2/3/4 at 31/33/25 useful GFLOP/s
+// (the 4 x 4 tile spills); sub-blocks of 128..1024 columns within noise. The tile tables are 4 x 4 either way.
+constexpr int kTableTile = 4;
+#if defined(__AVX512F__)
 constexpr int kTile = 4;
+#else
+constexpr int kTile = 3;
+#endif
 
 // acc[i][j] += G[a0 + i, c] * G[b0 + j, c] over n columns (n a multiple of the vector width), starting
 // from and returning to the float accumulators facc[(a0 + i) * rows + b0 + j] (in the working type).
@@ -111,8 +131,8 @@ using TileFn = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, t
 // off_table<T>()[ma - 1][mb - 1]: the kernel of an ma x mb tile (edge groups are smaller); diag_table<T>()
 // [m - 1]: the kernel of a diagonal m x m tile (pairs i <= j only).
 template <typename T>
-const TileFn<T> (&off_table())[kTile][kTile] {
-  static const TileFn<T> table[kTile][kTile] = {
+const TileFn<T> (&off_table())[kTableTile][kTableTile] {
+  static const TileFn<T> table[kTableTile][kTableTile] = {
       {&gram_tile<T, 1, 1, false>, &gram_tile<T, 1, 2, false>, &gram_tile<T, 1, 3, false>, &gram_tile<T, 1, 4, false>},
       {&gram_tile<T, 2, 1, false>, &gram_tile<T, 2, 2, false>, &gram_tile<T, 2, 3, false>, &gram_tile<T, 2, 4, false>},
       {&gram_tile<T, 3, 1, false>, &gram_tile<T, 3, 2, false>, &gram_tile<T, 3, 3, false>, &gram_tile<T, 3, 4, false>},
@@ -121,8 +141,8 @@ const TileFn<T> (&off_table())[kTile][kTile] {
   return table;
 }
 template <typename T>
-const TileFn<T> (&diag_table())[kTile] {
-  static const TileFn<T> table[kTile] = {&gram_tile<T, 1, 1, true>, &gram_tile<T, 2, 2, true>,
+const TileFn<T> (&diag_table())[kTableTile] {
+  static const TileFn<T> table[kTableTile] = {&gram_tile<T, 1, 1, true>, &gram_tile<T, 2, 2, true>,
                                          &gram_tile<T, 3, 3, true>, &gram_tile<T, 4, 4, true>};
   return table;
 }
@@ -195,9 +215,13 @@ void gram_segments(const T* g, int64_t rows, int64_t ld, const std::vector<Run>&
 // two runs); T = 48: 78 vs 65; T = 40: 55 vs 66; T = 16: 47 vs 62. Each lane sums kPackCols = 128
 // products in float32 before float64 takes over: the same error bound as the dot tiles.
 typedef float F16 __attribute__((vector_size(64)));
+typedef float F16L __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int64_t kPackCols = 128;
 
 inline bool use_packed(int64_t rows) {
+#if !defined(__AVX512F__)
+  return false;  // the 16 x 16 micro-kernel holds 16 accumulators of 64 bytes: AVX-512's register file
+#endif
   const int64_t n = (rows + 15) / 16;
   return rows >= 48 && 4 * rows * (rows + 1) >= 3 * n * (n + 1) * 256;
 }
@@ -271,7 +295,7 @@ inline void gram_segments_packed(const float* g, int64_t rows, int64_t ld, const
         for (int64_t k0 = 0; k0 < n; k0 += 16) {
           for (int r = 0; r < 16; ++r) {
             const int64_t row = p * 16 + r;
-            blk[r] = row < rows ? load(g + row * ld + c0 + k0) : F16{};
+            blk[r] = row < rows ? *reinterpret_cast<const F16L*>(g + row * ld + c0 + k0) : F16{};
           }
           transpose16(blk);
           for (int r = 0; r < 16; ++r) pk[p * kPackCols + k0 + r] = blk[r];

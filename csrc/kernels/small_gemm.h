@@ -21,7 +21,7 @@
 #include <cstdint>
 #include <memory>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -68,6 +68,53 @@ struct Vec<double> {
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_pd(a, b, c); }
   static double sum(Reg a) { return _mm512_reduce_add_pd(a); }
   static Mask mask(int64_t n) { return n >= kWidth ? Mask(0xFF) : n <= 0 ? Mask(0) : Mask((1u << n) - 1u); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 + FMA (e.g. AMD EPYC without AVX-512): 8 floats / 4 doubles per register; masked loads and stores
+// through vmaskmov, whose masked-off lanes neither fault nor write, so tails need no padding here either.
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  using Reg = __m256;
+  using Mask = __m256i;
+  static constexpr int kWidth = 8;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg set1(float v) { return _mm256_set1_ps(v); }
+  static Reg load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void store(float* p, Reg v, Mask m) { _mm256_maskstore_ps(p, m, v); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(Reg a) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  }
+  // Lanes [0, n): lane i is on when n > i.
+  static Mask mask(int64_t n) {
+    const int c = static_cast<int>(std::clamp<int64_t>(n, 0, kWidth));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+};
+
+template <>
+struct Vec<double> {
+  using Reg = __m256d;
+  using Mask = __m256i;
+  static constexpr int kWidth = 4;
+  static Reg zero() { return _mm256_setzero_pd(); }
+  static Reg set1(double v) { return _mm256_set1_pd(v); }
+  static Reg load(const double* p, Mask m) { return _mm256_maskload_pd(p, m); }
+  static void store(double* p, Reg v, Mask m) { _mm256_maskstore_pd(p, m, v); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static double sum(Reg a) {
+    const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+  static Mask mask(int64_t n) {
+    const int64_t c = std::clamp<int64_t>(n, 0, kWidth);
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(c), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
 };
 #else
 template <typename T>
@@ -136,6 +183,7 @@ inline void gemm_tile(const GemmArgs<T>& g, int64_t i0, int64_t j0, const typena
     for (int v = 0; v < NV; ++v) {
       switch (g.init) {
         case GemmInit::kZero:
+        default:
           acc[r][v] = V::zero();
           break;
         case GemmInit::kAccumulate:
@@ -171,8 +219,13 @@ inline void gemm_tile(const GemmArgs<T>& g, int64_t i0, int64_t j0, const typena
 }
 
 // Rows are taken 8 at a time (8 x 2 vectors = 16 accumulators + 2 B vectors + 1 broadcast: 19 of the 32
-// AVX-512 registers); the remaining 1..7 rows get a tile of their own height.
+// AVX-512 registers); the remaining 1..7 rows get a tile of their own height. AVX2 has 16 registers: 6 rows
+// (12 + 2 + 1 = 15).
+#if defined(__AVX512F__)
 constexpr int kGemmRows = 8;
+#else
+constexpr int kGemmRows = 6;
+#endif
 
 template <typename T, int NV>
 inline void gemm_column_block(const GemmArgs<T>& g, int64_t j0, const typename Vec<T>::Mask* masks) {

@@ -2,6 +2,15 @@
 
 from .batched_call import batch_statistics, task_batched_call
 from .cg import CGResult, batched_cg
+from .hessian_penalty import hessian_penalty
 from .task_params import ParameterLayout, TaskParams
 
-__all__ = ["CGResult", "ParameterLayout", "TaskParams", "batch_statistics", "batched_cg", "task_batched_call"]
+__all__ = [
+    "CGResult",
+    "ParameterLayout",
+    "TaskParams",
+    "batch_statistics",
+    "batched_cg",
+    "hessian_penalty",
+    "task_batched_call",
+]

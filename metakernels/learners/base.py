@@ -7,6 +7,7 @@ subclasses only say which parameters adapt, at which rate, and how the outer los
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..functional.batched_call import fused_dtype_supported, task_batched_call
 from ..functional.fused_model import build_plan, mlp_spec, run_plan
+from ..functional.hessian_penalty import hessian_penalty
 from ..functional.task_params import ParameterLayout, TaskParams
 from ..ops.inner_step import inner_step
 from ._inputs import check_episode, check_pair
@@ -75,6 +77,10 @@ class GradientLearner(nn.Module):
         fused: run recognised models (Linear/activation stacks, conv+BatchNorm+ReLU+max-pool blocks) through
             the fused layer kernels (default); False forces the generic torch.func.vmap path. Both compute the
             same meta-gradient.
+        hessian_penalty: weight w >= 0 of the Hessian Frobenius penalty added to the meta-loss:
+            w * mean_t ||H[L(theta'_t, support_t)]||_F^2 at the adapted weights theta' (Hutchinson estimate,
+            see metakernels.functional.hessian_penalty). 0 (default): not computed, the plain meta-loss.
+        hessian_probes: Rademacher probes per task for that estimate (drawn from torch's global generator).
     """
 
     def __init__(
@@ -88,6 +94,8 @@ class GradientLearner(nn.Module):
         nonfinite: str = "raise",
         adapt_filter: Callable[[str, nn.Parameter], bool] | None = None,
         fused: bool = True,
+        hessian_penalty: float = 0.0,
+        hessian_probes: int = 1,
     ):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
@@ -111,6 +119,19 @@ class GradientLearner(nn.Module):
         # The whole-MLP kernel needs every MLP parameter adapted, in the layout order it expects.
         self._mlp = spec if spec is not None and tuple(self.layout.names) == spec.parameter_names else None
         self._standard_loss = standard_loss(loss_fn)
+        self._init_hessian_penalty(hessian_penalty, hessian_probes)
+
+    def _init_hessian_penalty(self, weight: float, probes: int) -> None:
+        # Issue 5: the penalty is one extra term of _meta_loss below; a learner with its own _meta_loss
+        # (Reptile: no differentiated meta-loss) would silently ignore it, so a non-zero weight is refused there.
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{self._who}: hessian_penalty must be a finite weight >= 0, got {weight!r}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"{self._who}: hessian_probes must be an integer >= 1, got {probes!r}")
+        if weight != 0 and type(self)._meta_loss is not GradientLearner._meta_loss:
+            raise ValueError(f"{self._who}: hessian_penalty is not supported by this learner (own meta-loss)")
+        self.hessian_penalty = float(weight)
+        self.hessian_probes = probes
 
     # --- what subclasses choose -------------------------------------------------------------------
 
@@ -253,8 +274,24 @@ class GradientLearner(nn.Module):
 
         flat = self._adapt(xs_in, ys, self.inner_steps, create_graph, tracker, on_step)
         if step_losses:
-            return sum(w * loss for w, loss in zip(weights, step_losses, strict=False))
-        return query_loss(flat, "query loss")
+            loss = sum(w * step_loss for w, step_loss in zip(weights, step_losses, strict=False))
+        else:
+            loss = query_loss(flat, "query loss")
+        if self.hessian_penalty != 0:
+            # Issue 5, Hessian regularisation: + w * mean_t ||H[L(theta'_t, support_t)]||_F^2 at the final fast
+            # weights. hvp evaluates self.model on the raw support inputs: the function forward_tasks computes
+            # (ANIL's cached body features are the same body applied to the same inputs).
+            adapted = TaskParams(flat, self.layout)
+            penalty = hessian_penalty(
+                self.model, adapted, xs, ys, loss_fn=self.loss_fn, probes=self.hessian_probes, fused=self.fused
+            )
+            if tracker is not None:
+                tracker.record("Hessian penalty", penalty)
+            loss = loss + self.hessian_penalty * penalty.mean()
+        return loss
 
     def extra_repr(self) -> str:
-        return f"inner_steps={self.inner_steps}, first_order={self.first_order}, adapted={self.layout}"
+        text = f"inner_steps={self.inner_steps}, first_order={self.first_order}, adapted={self.layout}"
+        if self.hessian_penalty:
+            text += f", hessian_penalty={self.hessian_penalty}, hessian_probes={self.hessian_probes}"
+        return text

@@ -198,7 +198,12 @@ def pcgrad_gram(grads: torch.Tensor, shared_mask: torch.Tensor | None) -> torch.
     g = grads.to(torch.float64)
     if shared_mask is not None:
         g = g[:, shared_mask]
-    return g @ g.t()
+    gram = g @ g.t()
+    # Mirror the upper triangle: BLAS does not promise a symmetric result for g @ g.t() (on an AVX2 EPYC its
+    # float64 kernel summed the two triangles in different orders), and the coefficient recurrence reads K
+    # by columns and rows, so an asymmetry of one rounding would change which projections fire.
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, 1).t()
 
 
 def coefficient_recurrence(gram: torch.Tensor, rows: list[list[int]], include_self: bool, eps: float) -> torch.Tensor:
