@@ -19,6 +19,7 @@ from .learners import (
     MetaSGD,
     MultiTaskBaseline,
     Reptile,
+    iMAML,
     meta_pcgrad_backward,
 )
 from .ops import conv_block, inner_step, mlp_loss_grad, pcgrad, reptile_meta_gradient, reptile_update, task_linear
@@ -37,6 +38,7 @@ __all__ = [
     "PCGrad",
     "ParameterLayout",
     "Reptile",
+    "iMAML",
     "TaskParams",
     "CGResult",
     "batched_cg",

@@ -99,13 +99,20 @@ def task_loss_fn(model: nn.Module, loss_fn, names: list[str] | None = None, conv
     return f
 
 
-def dense_hvp(f, flat: torch.Tensor, x, y, v: torch.Tensor) -> torch.Tensor:
+def dense_hessians(f, flat: torch.Tensor, x, y) -> torch.Tensor:
+    """[T, P, P] per-task Hessians (vectorize=True: ~6x faster here, identical values to the looped version)."""
     rows = []
     for t in range(flat.shape[0]):
-        h = torch.autograd.functional.hessian(lambda p, t=t: f(p, x[t], y[t]), flat[t].detach())
-        torch.testing.assert_close(h, h.T, rtol=1e-12, atol=1e-12)  # the oracle itself is sane
-        rows.append(h @ v[t])
+        h = torch.autograd.functional.hessian(lambda p, t=t: f(p, x[t], y[t]), flat[t].detach(), vectorize=True)
+        # the oracle itself is sane (torch.func.jacrev(jacrev(f)) is not on the conv net in torch 2.13: its
+        # "Hessian" is asymmetric by 0.5, so it is not used)
+        torch.testing.assert_close(h, h.T, rtol=1e-12, atol=1e-12)
+        rows.append(h)
     return torch.stack(rows)
+
+
+def dense_hvp(f, flat: torch.Tensor, x, y, v: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("tij,tj->ti", dense_hessians(f, flat, x, y), v)
 
 
 def perturbed(model: nn.Module, num_tasks: int, scale=0.1, seed=3) -> torch.Tensor:
@@ -151,8 +158,8 @@ def case(name: str):
         model = mlp((1, 6, 1), nn.Tanh)
         xs, ys, _, _ = sinusoid_batch(3)
         return model, xs, ys, quartic, task_loss_fn(model, quartic), False
-    if name == "convnet":
-        model = make_convnet(channels=4)
+    if name == "convnet":  # 8x8 inputs, 2 filters: P = 93 (the dense Hessians dominate the test's time)
+        model = make_convnet(channels=2)
         xs, ys, _, _ = image_batch()
         return model, xs, ys, F.cross_entropy, task_loss_fn(model, F.cross_entropy, conv=True), False
     if name == "generic":
@@ -173,7 +180,8 @@ def test_hvp_matches_dense_hessian(backend, name):
     v = directions(flat)
     layout = mk.ParameterLayout.from_module(model)
     assert (fused_mlp_case(model, layout, loss_fn, flat, x, y) is not None) == fused_mlp  # the path under test
-    expected = dense_hvp(f, flat, x, y, v)
+    hessians = dense_hessians(f, flat, x, y)
+    expected = torch.einsum("tij,tj->ti", hessians, v)
     assert expected.abs().max() > 1e-3  # a non-trivial Hessian
     for fused in (True, False):
         got = mk.hvp(model, flat, x, y, v, loss_fn=loss_fn, fused=fused)
@@ -182,7 +190,7 @@ def test_hvp_matches_dense_hessian(backend, name):
         op = mk.hvp_operator(model, flat, x, y, loss_fn=loss_fn, fused=fused)
         for k in range(3):  # the operator reuses its graph: repeated calls, different directions
             w = v * (k + 1) - 0.5 * k * flat
-            torch.testing.assert_close(op(w), dense_hvp(f, flat, x, y, w) if k else expected, **TOL)
+            torch.testing.assert_close(op(w), torch.einsum("tij,tj->ti", hessians, w), **TOL)
 
 
 def test_mlp_r_operator_on_every_backend(any_backend):
@@ -241,8 +249,11 @@ def test_linear_model_has_zero_hessian_under_a_linear_loss():
 def test_create_graph_gradcheck(backend, name, fused):
     """Finite differences of v -> H(theta) v and theta -> H(theta) v (tiny sizes: gradcheck's Jacobians)."""
     model, x, y, loss_fn, _, _ = case(name)
-    if name.startswith("mlp_tanh"):
+    # gradcheck builds full Jacobians by finite differences (2 * T * P columns): the smallest models
+    if name == "mlp_tanh":
         model = mlp((1, 3, 1), nn.Tanh)
+    elif name == "mlp_ce":
+        model, x, y = mlp((4, 3, 3), nn.Tanh), x[..., :4], y
     flat = perturbed(model, 2).requires_grad_()
     v = directions(flat.detach()).requires_grad_()
     x, y = x[:2], y[:2]
@@ -258,9 +269,6 @@ def test_create_graph_gradcheck(backend, name, fused):
 def test_create_graph_third_derivative(backend, name):
     """d(v^T H v)/d theta against a dense third-derivative reference (autograd through the dense Hessian)."""
     model, x, y, loss_fn, f, _ = case(name)
-    if name == "convnet":
-        model = make_convnet(channels=2)
-        f = task_loss_fn(model, loss_fn, conv=True)
     flat = perturbed(model, 2).requires_grad_()
     v = directions(flat.detach())
     x, y = x[:2], y[:2]
@@ -268,7 +276,7 @@ def test_create_graph_third_derivative(backend, name):
     rows = []
     for t in range(2):
         p = flat[t].detach().requires_grad_()
-        h = torch.autograd.functional.hessian(lambda q, t=t: f(q, x[t], y[t]), p, create_graph=True)
+        h = torch.autograd.functional.hessian(lambda q, t=t: f(q, x[t], y[t]), p, create_graph=True, vectorize=True)
         rows.append(torch.autograd.grad(v[t] @ h @ v[t], p)[0])
     torch.testing.assert_close(ours, torch.stack(rows), **TOL)
 
@@ -284,7 +292,7 @@ def test_create_graph_reaches_the_model_parameters():
     expected = torch.zeros_like(base)
     for t in range(x.shape[0]):
         p = base.clone().requires_grad_()
-        h = torch.autograd.functional.hessian(lambda q, t=t: f(q, x[t], y[t]), p, create_graph=True)
+        h = torch.autograd.functional.hessian(lambda q, t=t: f(q, x[t], y[t]), p, create_graph=True, vectorize=True)
         expected += torch.autograd.grad(v[t] @ h @ v[t], p)[0]
     torch.testing.assert_close(got, expected, **TOL)
 

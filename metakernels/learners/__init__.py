@@ -2,6 +2,7 @@
 
 from .anil import ANIL
 from .base import GradientLearner, per_task_losses
+from .imaml import iMAML
 from .maml import FOMAML, MAML, MultiTaskBaseline
 from .maml_plus_plus import MAMLPlusPlus, multi_step_loss_weights
 from .meta_pcgrad import MetaPCGrad, meta_pcgrad_backward
@@ -18,6 +19,7 @@ __all__ = [
     "MetaPCGrad",
     "MultiTaskBaseline",
     "Reptile",
+    "iMAML",
     "meta_pcgrad_backward",
     "multi_step_loss_weights",
     "per_task_losses",
