@@ -23,6 +23,7 @@ void register_cpu_kernels() {
   metakernels::register_mlp_loss_grad_cpu(*g_cpu_kernels);
   metakernels::register_conv_block_cpu(*g_cpu_kernels);
   metakernels::register_pcgrad_cpu(*g_cpu_kernels);
+  metakernels::register_cg_step_cpu(*g_cpu_kernels);
 }
 
 void unregister_cpu_kernels() { g_cpu_kernels.reset(); }

@@ -1,4 +1,5 @@
-"""Tests of metakernels.batched_cg (metakernels/functional/cg.py) on every CPU backend of its vector step.
+"""Tests of metakernels.batched_cg (metakernels/functional/cg.py) on every CPU backend of its vector step
+(metakernels.cg_step: C++, reference, Triton interpreter).
 
 Oracles: torch.linalg.solve for the solution, and a classic one-task-at-a-time CG written plainly below for
 the iterates and the stopping points. Test matrices are built with a known spectrum, A = Q diag(eigs) Q^T, so
@@ -21,6 +22,12 @@ import torch
 
 import metakernels
 from metakernels.functional.cg import CG_ACTIVE, CG_CONVERGED, CG_NEGATIVE_CURVATURE, CG_NONFINITE
+
+
+@pytest.fixture(autouse=True)
+def _every_backend(backend):
+    """Every test runs with each CPU backend serving the fused vector step (metakernels.cg_step)."""
+    yield
 
 
 def spd_matrix(num_params: int, cond: float, seed: int, negative: int = 0) -> torch.Tensor:
@@ -272,6 +279,14 @@ def test_max_iter_zero_and_tolerance():
     assert (loose.iterations < P).all()  # a loose tolerance stops early (checked: cond 10, P 6)
     trivially = metakernels.batched_cg(batch_matvec(mats), b, max_iter=P, tol=1.0)
     assert trivially.status.tolist() == [CG_CONVERGED] * T and trivially.iterations.tolist() == [0, 0]
+
+
+def test_matvec_returning_its_argument():
+    """A matvec may return p itself (A = I): batched_cg copies it for the in-place step; x = b in one step."""
+    b = rhs(2, 5, seed=4)
+    res = metakernels.batched_cg(lambda v: v, b, max_iter=3)
+    assert res.status.tolist() == [CG_CONVERGED] * 2 and res.iterations.tolist() == [1, 1]
+    assert_close_rel(res.x, b, 1e-15, "x")
 
 
 def test_summary():

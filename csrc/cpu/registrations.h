@@ -11,6 +11,7 @@ void register_task_linear_cpu(torch::Library& m);    // csrc/cpu/task_linear.cpp
 void register_mlp_loss_grad_cpu(torch::Library& m);  // csrc/cpu/mlp_loss_grad.cpp
 void register_conv_block_cpu(torch::Library& m);     // csrc/cpu/conv_block.cpp
 void register_pcgrad_cpu(torch::Library& m);         // csrc/cpu/pcgrad.cpp
+void register_cg_step_cpu(torch::Library& m);        // csrc/cpu/cg_step.cpp
 
 // metakernels::inner_step called through the dispatcher from an unboxed C++ entry point: the same op,
 // kernels, autograd and profiler record as torch.ops.metakernels.inner_step, minus the ~1-5 us of the

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.cg_step import cg_step as _cg_step
 from ..reference.cg_step import CG_ACTIVE, CG_CONVERGED, CG_NEGATIVE_CURVATURE, CG_NONFINITE
-from ..reference.cg_step import cg_step as _reference_cg_step
 
 __all__ = ["CG_ACTIVE", "CG_CONVERGED", "CG_NEGATIVE_CURVATURE", "CG_NONFINITE", "CGResult", "batched_cg"]
 
@@ -62,10 +62,6 @@ class CGResult:
             f"batched_cg: {self.status.numel()} tasks: {', '.join(parts)}; iterations {int(iters.min())}.."
             f"{int(iters.max())}; max relative residual {float(rel.max()):.3g}"
         )
-
-
-def _step(x, r, p, Ap, rs, status, iterations, threshold) -> None:
-    _reference_cg_step(x, r, p, Ap, rs, status, iterations, threshold)
 
 
 def _check_matvec_output(out: object, b: torch.Tensor) -> torch.Tensor:
@@ -139,9 +135,12 @@ def batched_cg(
         r = torch.where(finite[:, None], b, 0.0).contiguous()
         p = r.clone()
         iterations = torch.zeros(num_tasks, dtype=torch.int64, device=b.device)
+        own = {t.untyped_storage().data_ptr() for t in (x, r, p)}
         for _ in range(max_iter):
             Ap = _check_matvec_output(matvec(p), b)
-            _step(x, r, p, Ap.detach(), rs, status, iterations, threshold)
+            if Ap.untyped_storage().data_ptr() in own:  # e.g. the identity returning p itself: cg_step needs a copy
+                Ap = Ap.clone()
+            _cg_step(x, r, p, Ap.detach(), rs, status, iterations, threshold)  # fused, in place, no host sync
         residual_norm = rs.sqrt()
         b_norm = b_norm2.sqrt()
         relative = torch.where(b_norm > 0, residual_norm / torch.where(b_norm > 0, b_norm, 1.0), 0.0)

@@ -585,6 +585,70 @@ def pcgrad_out_cases(grid: str, l3: int) -> list[Case]:
     return [_pcgrad_case("pcgrad_out", T, P) for T, P in shapes]
 
 
+# --- cg_step ---------------------------------------------------------------------------------------------
+
+CG_TASKS = 8
+
+
+def cg_periodic_state(num_tasks: int, num_params: int, dtype: torch.dtype = torch.float32) -> dict:
+    """A CG state on which cg_step takes a full step on every call, forever, without drifting.
+
+    With x = 0, r = 2a, p = a, rs = r.r and Ap = a, one step gives alpha = 4, beta = 1, x = 4a, r = -2a,
+    p = -a, rs unchanged; with Ap = -a the next step returns to the start. Every scaling is by a power of two,
+    so the orbit is exact in floating point: timed calls alternate ap[0] and ap[1] and every task stays
+    active (threshold 0), reading and writing everything a real iteration does.
+
+    Returns:
+        {"x", "r", "p", "ap": (a, -a), "rs", "status", "iterations", "threshold"}, every tensor touched (no
+        page faults left for the timed calls).
+    """
+    a = torch.rand(num_tasks, num_params, generator=_gen(), dtype=dtype) + 0.5
+    r = 2 * a
+    return {
+        "x": torch.zeros_like(a),
+        "r": r,
+        "p": a.clone(),
+        "ap": (a, -a),
+        "rs": (r.to(torch.float64) ** 2).sum(1),
+        "status": torch.zeros(num_tasks, dtype=torch.int32),
+        "iterations": torch.zeros(num_tasks, dtype=torch.int64),
+        "threshold": torch.zeros(num_tasks, dtype=torch.float64),
+    }
+
+
+def cg_step_cases(grid: str, l3: int) -> list[Case]:
+    """One CG iteration's vector work (x += alpha p, r -= alpha Ap, p = r + beta p and the two dot products),
+    T = 8 tasks. Bytes counted: the 4 vectors read (x, r, p, Ap) and the 3 written in place (x, r, p), the
+    minimum any implementation moves; the kernel's three passes reread p, r and Ap from cache when a task fits
+    in it (csrc/kernels/cg_step.h). In-place writes: the bound is the in-place triad."""
+    T = CG_TASKS
+    dram = [_dram_n(l3, 28, f, 8_000) for f in (2.5, 4.0)]  # 7 arrays x 4 bytes per element
+    sizes = {"full": [10_000, 100_000, 1_000_000, 10_000_000, *dram], "quick": [100_000, 1_000_000, dram[0]],
+             "tiny": [64]}[grid]
+
+    def case(n: int) -> Case:
+        P = max(1, n // T)
+
+        def make() -> Built:
+            s = cg_periodic_state(T, P)
+            args = [s["x"], s["r"], s["p"], None, s["rs"], s["status"], s["iterations"], s["threshold"]]
+            op, ref = _op("cg_step"), _reference("cg_step")
+            parity = [0]
+
+            def run(fn) -> None:
+                args[3] = s["ap"][parity[0]]
+                parity[0] ^= 1
+                fn(*args)
+
+            es = s["x"].element_size()
+            return Built(lambda: run(op), None if ref is None else (lambda: run(ref)), 4 * T * P * es, 3 * T * P * es)
+
+        return Case("cg_step", f"T={T} N={_fmt(n)}", "triad_inplace", "torch.ops.metakernels.cg_step",
+                    {"T": T, "P": P}, make)
+
+    return [case(n) for n in sizes]
+
+
 # Op name -> its grid. An op in OP_NAMES gets cases from here when it is registered.
 CASE_BUILDERS: dict[str, Callable[[str, int], list[Case]]] = {
     "inner_step": inner_step_cases,
@@ -599,6 +663,7 @@ CASE_BUILDERS: dict[str, Callable[[str, int], list[Case]]] = {
     "conv_block_backward": conv_block_backward_cases,
     "pcgrad": pcgrad_cases,
     "pcgrad_out": pcgrad_out_cases,
+    "cg_step": cg_step_cases,
 }
 
 
