@@ -19,6 +19,7 @@ from .learners import (
     MetaSGD,
     MultiTaskBaseline,
     Reptile,
+    ShrinkageIMAML,
     iMAML,
     meta_pcgrad_backward,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "PCGrad",
     "ParameterLayout",
     "Reptile",
+    "ShrinkageIMAML",
     "iMAML",
     "TaskParams",
     "CGResult",

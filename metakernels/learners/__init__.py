@@ -8,6 +8,7 @@ from .maml_plus_plus import MAMLPlusPlus, multi_step_loss_weights
 from .meta_pcgrad import MetaPCGrad, meta_pcgrad_backward
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
+from .shrinkage import ShrinkageIMAML
 
 __all__ = [
     "ANIL",
@@ -19,6 +20,7 @@ __all__ = [
     "MetaPCGrad",
     "MultiTaskBaseline",
     "Reptile",
+    "ShrinkageIMAML",
     "iMAML",
     "meta_pcgrad_backward",
     "multi_step_loss_weights",
