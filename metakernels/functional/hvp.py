@@ -32,9 +32,8 @@ from torch import nn
 from .._validation import shape_str
 from .batched_call import cached_plan, fused_dtype_supported, task_batched_call
 from .fused_model import mlp_spec
+from .losses import LossFn, per_task_losses, standard_loss
 from .task_params import ParameterLayout, TaskParams
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["hvp", "hvp_operator"]
 
@@ -97,8 +96,6 @@ def fused_mlp_case(
     The whole-MLP kernels need: a plain MLP plan, every one of its parameters in the layout in nn.Sequential
     order, F.mse_loss / F.cross_entropy with default settings, and inputs/targets of the shapes they take.
     """
-    from ..learners._losses import standard_loss
-
     kind = standard_loss(loss_fn)
     if kind is None or x.dim() != 3 or not fused_dtype_supported(x, flat):
         return None
@@ -122,8 +119,6 @@ def _gradient_graph(
     model: nn.Module, layout: ParameterLayout, theta: torch.Tensor, x, y, loss_fn: LossFn, fused: bool
 ) -> torch.Tensor:
     """Per-task gradients [T, P] of the per-task losses at theta, with their graph (create_graph=True)."""
-    from ..learners._losses import per_task_losses
-
     with torch.enable_grad():
         losses = per_task_losses(loss_fn, task_batched_call(model, layout.views(theta), x, fused=fused), y)
         if losses.shape != (theta.shape[0],):

@@ -255,7 +255,11 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         tracker = _FiniteTracker()
         phi = self._inner_loop(theta, xs, ys, self.inner_steps, tracker)
         solve = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        query_losses, g_test = self._loss_grad(phi, xq, yq)
+        if solve:
+            query_losses, g_test = self._loss_grad(phi, xq, yq)
+        else:  # evaluation (no_grad, or nothing to learn): the loss only
+            with torch.no_grad():
+                query_losses = per_task_losses(self.loss_fn, self.forward_tasks(phi, xq), yq)
         tracker.record("query loss", query_losses)
         result, direction = None, None
         if solve:
