@@ -52,7 +52,8 @@ void cg_step_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p, 
   }
   const std::pair<const char*, const at::Tensor*> mutated[] = {{"x", &x}, {"r", &r}, {"p", &p}};
   for (const auto& [name, t] : mutated)
-    TORCH_CHECK_VALUE(t->is_contiguous(), "metakernels.cg_step: ", name, " must be contiguous (it is updated in place)");
+    TORCH_CHECK_VALUE(t->is_contiguous(), "metakernels.cg_step: ", name,
+                      " must be contiguous (it is updated in place)");
   check_state(x, "rs", rs, at::kDouble, "torch.float64", true);
   check_state(x, "threshold", threshold_in, at::kDouble, "torch.float64", false);
   check_state(x, "status", status, at::kInt, "torch.int32", true);

@@ -16,15 +16,15 @@
 // memory-bound: at DRAM speed the float->double conversions are hidden behind the loads).
 //
 // Pass structure. alpha needs all of p.Ap before r can be updated, and beta needs all of the new r.r
-// before p can be: two dependent reductions, so three phases separated by two barriers:
+// before p can be: two dependent reductions, so three phases, each needing the previous one's sums:
 //   phase 1: pAp = p.Ap                                   reads p, Ap
 //   phase 2: r -= alpha Ap;  rr = r.r                      reads r, Ap;    writes r
 //   phase 3: x += alpha p;  p = r + beta p                reads x, p, r;  writes x, p
 // The x update rides along with phase 3, which reads p anyway (in phase 2 it would cost one more read of
 // p). That is 7 reads + 3 writes of [T, P] per call against the 4 + 3 any implementation must move (x, r,
-// p, Ap in; x, r, p out). The 3 extra reads are rereads, and they come from cache: tasks are processed in
-// blocks of whole tasks whose four vectors fit in kCgBlockBytes, all three phases of a block before the next
-// block, so memory traffic is the minimal 7 whenever one task's four vectors fit in the last-level cache.
+// p, Ap in; x, r, p out). The 3 extra reads are rereads, and they come from cache: all three phases of a
+// task (or of a block of tasks) run before the next task's, so memory traffic is the minimal 7 whenever a
+// task's four vectors stay in the last-level cache meanwhile (see cg_step below for the two schedules).
 // A task larger than the cache streams 10. (Running phase 2 backwards would let it start on the Ap that
 // phase 1 read last, but the descending stream cost more than it saved: 0.87-0.90 vs 0.69 ns per element
 // for phase 2 alone at 32M floats, one thread, in 1024-element forward pieces.)
@@ -47,6 +47,10 @@ enum CgStatus : int32_t { kCgActive = 0, kCgConverged = 1, kCgNegativeCurvature 
 // two barriers each (~1-3 us with 2 threads). Tasks larger than this are blocks of one, which still reuse
 // the cache when their vectors fit in the L3.
 constexpr int64_t kCgBlockBytes = int64_t{4} << 20;
+
+// Tasks run whole, one per thread at a time, when the threads' current tasks fit in this many bytes together:
+// half the L3, so each task's vectors are still cached when its second and third passes come.
+constexpr int64_t kCgParallelTaskBytes = int64_t{16} << 20;
 
 // Accumulator lanes of the dot products: 16 independent double sums (four AVX2 registers) hide the 4-cycle
 // latency of the adds; combined pairwise in a fixed order, so a result depends only on the data and on
@@ -144,12 +148,23 @@ inline CgBeta<T> cg_beta(double rr, double rs, double threshold) {
 }
 
 // x, r, p, ap: [tasks, cols] row-major contiguous, pairwise disjoint. rs, threshold: [tasks] (double);
-// status, iterations: [tasks]. block_bytes: the task-block budget (kCgBlockBytes; tests pass small ones to
-// exercise many blocks).
+// status, iterations: [tasks]. block_bytes, parallel_task_bytes: the two cache budgets below (tests pass
+// other values to exercise every path).
+//
+// Two ways to share the work among the threads:
+//  * whole tasks: each thread runs all three phases of its own tasks, one task at a time, with no barrier at
+//    all (its dot products are its own). Used when every thread's current task fits in cache at once
+//    (threads x task bytes <= parallel_task_bytes), for the largest multiple of the team size of tasks.
+//  * split tasks: the others (or all, for tasks too large for that) go in blocks of <= block_bytes, every
+//    thread taking a column range of each task of the block, partial sums per thread and task, a barrier
+//    before alpha and one before beta are known.
+// Barriers are what a loaded machine punishes: on this 2-core VM with other jobs running, every OpenMP
+// synchronisation point can cost a scheduler time slice (measured: 8 ms for a 250k-element torch add_, 16 ms
+// for a split cg_step of the same size); whole tasks have none but the end of the parallel region.
 template <typename T>
 void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t* iterations,
              const double* threshold, int64_t tasks, int64_t cols, int num_threads,
-             int64_t block_bytes = kCgBlockBytes) {
+             int64_t block_bytes = kCgBlockBytes, int64_t parallel_task_bytes = kCgParallelTaskBytes) {
   // Tasks already converged (or with a non-finite residual) stop before the step; the rest take it.
   std::vector<int64_t> active;
   active.reserve(static_cast<size_t>(tasks));
@@ -166,16 +181,11 @@ void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t
   const int64_t num_active = static_cast<int64_t>(active.size());
   if (num_active == 0) return;  // every task has stopped: no memory traffic at all
 
-  // Blocks: [block_start[b], block_start[b + 1]) of `active`.
   const int64_t task_bytes = 4 * cols * static_cast<int64_t>(sizeof(T));
   const int64_t per_block = std::max<int64_t>(1, block_bytes / std::max<int64_t>(1, task_bytes));
-  std::vector<int64_t> block_start;
-  for (int64_t a = 0; a < num_active; a += per_block) block_start.push_back(a);
-  block_start.push_back(num_active);
-  const int64_t num_blocks = static_cast<int64_t>(block_start.size()) - 1;
-
   const int nt = effective_threads(num_active, cols, num_threads);
-  // Per-thread partial sums [thread][task], rows padded to whole cache lines (no false sharing).
+  // Per-thread partial sums [thread][task], rows padded to whole cache lines (no false sharing). A whole task's
+  // sums sit in its thread's row, the other rows' entries for it stay 0.
   const int64_t stride = (tasks + 7) / 8 * 8 + 8;
   std::vector<double> pap_part(static_cast<size_t>(nt * stride), 0.0);
   std::vector<double> rr_part(static_cast<size_t>(nt * stride), 0.0);
@@ -186,13 +196,27 @@ void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t
   };
 
   run_team(nt, [&](int tid, int team) {
+    double* my_pap = pap_part.data() + tid * stride;
+    double* my_rr = rr_part.data() + tid * stride;
+    // Whole tasks (all of them on one thread).
+    const bool whole = team == 1 || int64_t{team} * task_bytes <= parallel_task_bytes;
+    const int64_t num_whole = whole ? num_active / team * team : 0;
+    for (int64_t a = tid; a < num_whole; a += team) {
+      const int64_t t = active[a];
+      const int64_t at = t * cols;
+      my_pap[t] = cg_dot(p + at, ap + at, cols);
+      const CgAlpha<T> d = cg_alpha<T>(my_pap[t], rs[t]);
+      if (!d.step) continue;
+      my_rr[t] = cg_residual_update(r + at, ap + at, d.alpha, cols);
+      const CgBeta<T> e = cg_beta<T>(my_rr[t], rs[t], threshold[t]);
+      if (e.accept) cg_direction_update(x + at, p + at, r + at, d.alpha, e.beta, e.turn, cols);
+    }
+    // Split tasks, block by block.
     int64_t c0, c1;
     column_range(cols, tid, team, &c0, &c1);
     const int64_t n = c1 - c0;
-    double* my_pap = pap_part.data() + tid * stride;
-    double* my_rr = rr_part.data() + tid * stride;
-    for (int64_t blk = 0; blk < num_blocks; ++blk) {
-      const int64_t a0 = block_start[blk], a1 = block_start[blk + 1];
+    for (int64_t a0 = num_whole; a0 < num_active; a0 += per_block) {
+      const int64_t a1 = std::min(num_active, a0 + per_block);
       // phase 1: p.Ap
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t at = active[a] * cols + c0;
