@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 import metakernels as mk
 from metakernels import _backend
-from metakernels.functional.hvp import fused_mlp_case
+from metakernels.functional.hvp import conv_rop_case, fused_mlp_case
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
@@ -191,6 +191,50 @@ def test_hvp_matches_dense_hessian(backend, name):
         for k in range(3):  # the operator reuses its graph: repeated calls, different directions
             w = v * (k + 1) - 0.5 * k * flat
             torch.testing.assert_close(op(w), torch.einsum("tij,tj->ti", hessians, w), **TOL)
+
+
+def conv_variant(loss: str, seed=0):
+    """Conv blocks the R-operator must get right beyond the 4-conv net: no conv bias, BatchNorm without affine
+    parameters, a block without pooling, stride 2 and no padding, an odd size (7 -> pool floors to 3), two
+    linear layers (tanh) after Flatten; batch statistics only (no running buffers: the oracle is vmapped)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1, bias=False),
+        nn.BatchNorm2d(3, affine=False, track_running_stats=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 2, 3, stride=2, padding=0),
+        nn.BatchNorm2d(2, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2, 4),
+        nn.Tanh(),
+        nn.Linear(4, 3),
+    ).to(DT)
+    with torch.no_grad():
+        model[5].weight.uniform_(0.5, 1.5)
+        model[5].bias.uniform_(-0.2, 0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(3, 6, 1, 7, 7, generator=g, dtype=DT)
+    if loss == "cross_entropy":
+        y = torch.randint(0, 3, (3, 6), generator=g)
+        y[1, 2] = -100  # F.cross_entropy's ignore_index: left out of that task's mean
+        return model, x, y, F.cross_entropy
+    return model, x, torch.randn(3, 6, 3, generator=g, dtype=DT), F.mse_loss
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_conv_r_operator_variants(loss):
+    model, x, y, loss_fn = conv_variant(loss)
+    flat = perturbed(model, 3, scale=0.3)
+    layout = mk.ParameterLayout.from_module(model)
+    assert conv_rop_case(model, layout, loss_fn, flat, x, y) is not None  # the R-operator serves it
+    v = directions(flat)
+    expected = dense_hvp(task_loss_fn(model, loss_fn), flat, x, y, v)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(mk.hvp(model, flat, x, y, v, loss_fn=loss_fn), expected, **TOL)
+    torch.testing.assert_close(mk.hvp_operator(model, flat, x, y, loss_fn=loss_fn)(v), expected, **TOL)
+    torch.testing.assert_close(mk.hvp(model, flat, x, y, v, loss_fn=loss_fn, fused=False), expected, **TOL)
 
 
 def test_mlp_r_operator_on_every_backend(any_backend):

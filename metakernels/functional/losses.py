@@ -20,7 +20,7 @@ _IGNORE_INDEX = -100
 
 
 def standard_loss(loss_fn: LossFn) -> str | None:
-    """"mse" or "cross_entropy" when loss_fn is that loss with its default (per-task mean) settings."""
+    """ "mse" or "cross_entropy" when loss_fn is that loss with its default (per-task mean) settings."""
     if loss_fn is F.mse_loss:
         return "mse"
     if loss_fn is F.cross_entropy:
