@@ -29,9 +29,12 @@ peer", and makes the script exit with status 1 (unless it is a documented torch 
 loop also reports the smallest CG curvature p^T A p / p^T p it met (A = I + H/lam): a value <= 0 is where a
 solver that stops on non-positive curvature (metakernels' batched CG does) parts from the plain definition.
 
-Timing: float32, per torch thread count (--threads, default 1 and 2, reported separately), warm-up, the median
-and interquartile range of timed meta-steps (bench_maml's repetition plan), ratios against the fastest peer that
-passed the cross-check, all in the same run. The machine is shared: load averages at start and end are recorded.
+Timing: float32, per torch thread count (--threads, default 1 and 2, reported separately), warm-up, then rounds
+in which every implementation runs one meta-step, the order rotated each round (the machine is shared: a load
+change then hits all implementations alike; the repetition counts are bench_maml's plan); median and
+interquartile range per implementation; ratio against the fastest peer that passed the cross-check, as the ratio
+of medians and as the median over rounds of the per-round ratio, all in the same run. Load averages at start, end
+and after each workload are recorded.
 
 --memory: peak memory against the number of inner steps k (5, 20, 100): one fresh subprocess per (workload,
 algorithm, k) runs a few meta-steps (float32, 1 thread) of metakernels.iMAML, of second-order metakernels.MAML
@@ -56,6 +59,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -69,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _imaml_peers as peers  # noqa: E402
 import _machine as M  # noqa: E402
 from _peers import deviation, import_peer, peer_versions  # noqa: E402
-from bench_maml import Workload, meta_gradient, rep_plan, time_steps  # noqa: E402
+from bench_maml import RepPlan, Workload, meta_gradient, rep_plan  # noqa: E402
 from bench_maml import _record_origin as record_origin  # noqa: E402
 
 import metakernels  # noqa: E402
@@ -343,13 +347,60 @@ def check_failures(rows: Sequence[dict]) -> list[str]:
 # --- timing ----------------------------------------------------------------------------------------------------
 
 
+def _stats(samples: list[float]) -> dict:
+    q1, q3 = (
+        (statistics.quantiles(samples, n=4, method="inclusive")[i] for i in (0, 2))
+        if len(samples) > 1
+        else (samples[0], samples[0])
+    )
+    return {
+        "median_ms": statistics.median(samples),
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "iqr_ms": q3 - q1,
+        "min_ms": min(samples),
+        "max_ms": max(samples),
+        "reps": len(samples),
+    }
+
+
+def time_interleaved(steps: dict[str, MetaStep], plan: RepPlan) -> tuple[dict[str, dict], list[dict[str, float]]]:
+    """Warm-up of each step, then rounds in which every step runs once (the order rotated each round), so a
+    change of the machine's load (other jobs share its 2 cores) hits every implementation alike.
+
+    Returns:
+        Per implementation the median, quartiles, min, max in ms and the count; and the per-round times.
+    """
+    last: dict[str, float] = {}
+    for name, step in steps.items():
+        for _ in range(plan.warmup):
+            t0 = time.perf_counter()
+            step()
+            last[name] = time.perf_counter() - t0
+    per_round = max(sum(last.values()), 1e-6)
+    reps = max(plan.min_reps, min(plan.max_reps, int(plan.budget_s * len(steps) / per_round)))
+    names = list(steps)
+    rounds: list[dict[str, float]] = []
+    for i in range(reps):
+        times = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name] = (time.perf_counter() - t0) * 1e3
+        rounds.append(times)
+    out = {name: {**_stats([r[name] for r in rounds]), "warmup": plan.warmup} for name in names}
+    return out, rounds
+
+
 def bench_workload(w: IWorkload, impls: Sequence[str], threads: int, quick: bool, checked: dict) -> list[dict]:
-    """Timing rows of every implementation on one workload at one thread count (float32). The first (untimed)
-    call's meta-gradient is compared with the float32 loop's, for information."""
+    """Timing rows of every implementation on one workload at one thread count (float32), interleaved (see
+    time_interleaved). The first (untimed) call's meta-gradient is compared with the float32 loop's, for
+    information."""
     torch.set_num_threads(threads)
     base, batch = w.make_model(torch.float32), w.make_batch(torch.float32)
     plan = rep_plan(w, quick)
-    rows: list[dict] = []
+    rows: dict[str, dict] = {}
+    steps: dict[str, MetaStep] = {}
     ref_grads = None
     for impl in impls:
         row = {
@@ -367,39 +418,46 @@ def bench_workload(w: IWorkload, impls: Sequence[str], threads: int, quick: bool
             "error": None,
             "agrees_float64": checked.get((w.name, impl)),
         }
+        rows[impl] = row
         why = unavailable(impl)
         if why is not None:
-            rows.append({**row, "error": f"unavailable: {why}"})
+            row["error"] = f"unavailable: {why}"
             continue
         model = copy.deepcopy(base)
         try:
             step = BUILDERS[impl](model, w, batch)
             loss = step()
             grads = meta_gradient(model)
-            timing = time_steps(step, plan)
         except Exception as exc:
-            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
+            row["error"] = f"{type(exc).__name__}: {exc}"
             print(f"  [{threads} thr] {w.name:10} {impl:12} error: {type(exc).__name__}: {str(exc)[:80]}")
             continue
         if impl == REFERENCE:
             ref_grads = grads
         row["fp32_grad_rel_dev_vs_loop"] = deviation(grads, ref_grads)["rel"] if ref_grads is not None else None
-        row.update(loss=loss.item(), load_1m_after=os.getloadavg()[0], **timing)
-        rows.append(row)
-        print(
-            f"  [{threads} thr] {w.name:10} {impl:12} {timing['median_ms']:10.2f} ms  (IQR {timing['iqr_ms']:.2f}, "
-            f"{timing['reps']} reps)",
-            flush=True,
-        )
-        del model, step
-        gc.collect()
-    add_ratios(rows)
-    return rows
+        row["loss"] = loss.item()
+        steps[impl] = step
+    if steps:
+        timings, rounds = time_interleaved(steps, plan)
+        for impl, timing in timings.items():
+            rows[impl].update(**timing, load_1m_after=os.getloadavg()[0])
+            print(
+                f"  [{threads} thr] {w.name:10} {impl:12} {timing['median_ms']:10.2f} ms  "
+                f"(IQR {timing['iqr_ms']:.2f}, {timing['reps']} interleaved reps)",
+                flush=True,
+            )
+    out = list(rows.values())
+    add_ratios(out, rounds if steps else [])
+    del steps
+    gc.collect()
+    return out
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """On every timed row, ratio_vs_fastest_peer = fastest peer's time / this time (> 1: faster than every peer);
-    the fastest peer is the quickest of the peers (not metakernels) that did not fail the float64 check."""
+def add_ratios(rows: list[dict], rounds: Sequence[dict[str, float]] = ()) -> None:
+    """On every timed row, ratio_vs_fastest_peer = fastest peer's median / this median (> 1: faster than every
+    peer); the fastest peer is the quickest of the peers (not metakernels) that did not fail the float64 check.
+    With the interleaved rounds, also round_ratio_vs_fastest_peer: the median over rounds of (that peer's time /
+    this time) in the same round (less sensitive to load changes between rounds)."""
     timed = [r for r in rows if r.get("median_ms") is not None]
     peers_ok = [r for r in timed if r["impl"] != "metakernels" and r.get("agrees_float64") is not False]
     if not peers_ok:
@@ -408,6 +466,9 @@ def add_ratios(rows: list[dict]) -> None:
     for r in timed:
         r["fastest_peer"] = fastest["impl"]
         r["ratio_vs_fastest_peer"] = fastest["median_ms"] / r["median_ms"]
+        per_round = [rd[fastest["impl"]] / rd[r["impl"]] for rd in rounds if r["impl"] in rd and fastest["impl"] in rd]
+        if per_round:
+            r["round_ratio_vs_fastest_peer"] = statistics.median(per_round)
 
 
 # --- memory ----------------------------------------------------------------------------------------------------
@@ -636,7 +697,11 @@ def timing_table(rows: Sequence[dict], impls: Sequence[str]) -> str:
                 continue
             cells.append(f"{_fmt_ms(r['median_ms'])} ms" + (" (disagrees)" if r.get("agrees_float64") is False else ""))
         mk = by_impl.get("metakernels", {})
-        best = f"{mk['ratio_vs_fastest_peer']:.2f}x vs {mk['fastest_peer']}" if mk.get("ratio_vs_fastest_peer") else "-"
+        best = "-"
+        if mk.get("ratio_vs_fastest_peer"):
+            best = f"{mk['ratio_vs_fastest_peer']:.2f}x vs {mk['fastest_peer']}"
+            if mk.get("round_ratio_vs_fastest_peer"):
+                best += f" (per round {mk['round_ratio_vs_fastest_peer']:.2f}x)"
         lines.append(f"| {label} | {threads} | " + " | ".join(cells) + f" | {best} |")
     return "\n".join(lines)
 
@@ -679,6 +744,7 @@ def summarise(rows: Sequence[dict]) -> dict:
                 "metakernels_ms": r["median_ms"],
                 "fastest_peer": r["fastest_peer"],
                 "ratio_vs_fastest_peer": r["ratio_vs_fastest_peer"],
+                "round_ratio_vs_fastest_peer": r.get("round_ratio_vs_fastest_peer"),
             }
     mem = [r for r in rows if r["section"] == "memory"]
     for r in mem:

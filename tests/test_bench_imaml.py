@@ -138,7 +138,10 @@ def test_tables_render():
          "agrees_float64": i != "vmap_rr"}
         for i, ms in (("loop", 4.0), ("vmap_rr", 1.0), ("metakernels", 2.0))
     ]  # fmt: skip
-    bench_imaml.add_ratios(timing)
+    rounds = [{"loop": 4.0, "vmap_rr": 1.0, "metakernels": 1.0}, {"loop": 6.0, "vmap_rr": 1.0, "metakernels": 2.0}]
+    bench_imaml.add_ratios(timing, rounds)
+    (mk,) = [r for r in timing if r["impl"] == "metakernels"]
+    assert mk["round_ratio_vs_fastest_peer"] == 3.5  # median of 4/1 and 6/2; vmap_rr disagrees, so not a baseline
     impls = ["loop", "torchopt", "vmap_rr", "metakernels"]
     table = bench_imaml.timing_table(rows + timing, impls)
     assert "2.00x vs loop" in table and "(disagrees)" in table and "| n/a |" in table
