@@ -41,16 +41,11 @@ namespace metakernels::kernels {
 
 enum CgStatus : int32_t { kCgActive = 0, kCgConverged = 1, kCgNegativeCurvature = 2, kCgNonfinite = 3 };
 
-// Tasks are grouped into blocks of at most this many bytes of x, r, p and Ap (at least one task per block).
-// A block's phases 2 and 3 reread what phase 1 and 2 read, so the block must stay in cache meanwhile: a
-// quarter of this machine's 32 MiB L3 leaves room for the other tenants of the cache. Smaller blocks cost
-// two barriers each (~1-3 us with 2 threads). Tasks larger than this are blocks of one, which still reuse
-// the cache when their vectors fit in the L3.
+// Split tasks (see cg_step) are grouped into blocks of at most this many bytes of x, r, p and Ap (at least one
+// task per block). A block's phases 2 and 3 reread what phases 1 and 2 read, so the block must stay in cache
+// meanwhile: an eighth of this machine's 32 MiB L3 (2, 4 and 8 MiB ran alike, 16 MiB 5-10% slower, one
+// thread, 64 tasks of 125k floats). Each block costs two barriers.
 constexpr int64_t kCgBlockBytes = int64_t{4} << 20;
-
-// Tasks run whole, one per thread at a time, when the threads' current tasks fit in this many bytes together:
-// half the L3, so each task's vectors are still cached when its second and third passes come.
-constexpr int64_t kCgParallelTaskBytes = int64_t{16} << 20;
 
 // Accumulator lanes of the dot products: 16 independent double sums (four AVX2 registers) hide the 4-cycle
 // latency of the adds; combined pairwise in a fixed order, so a result depends only on the data and on
@@ -148,23 +143,24 @@ inline CgBeta<T> cg_beta(double rr, double rs, double threshold) {
 }
 
 // x, r, p, ap: [tasks, cols] row-major contiguous, pairwise disjoint. rs, threshold: [tasks] (double);
-// status, iterations: [tasks]. block_bytes, parallel_task_bytes: the two cache budgets below (tests pass
-// other values to exercise every path).
+// status, iterations: [tasks]. block_bytes: see kCgBlockBytes; whole_tasks = false splits every task (tests).
 //
 // Two ways to share the work among the threads:
 //  * whole tasks: each thread runs all three phases of its own tasks, one task at a time, with no barrier at
-//    all (its dot products are its own). Used when every thread's current task fits in cache at once
-//    (threads x task bytes <= parallel_task_bytes), for the largest multiple of the team size of tasks.
-//  * split tasks: the others (or all, for tasks too large for that) go in blocks of <= block_bytes, every
-//    thread taking a column range of each task of the block, partial sums per thread and task, a barrier
-//    before alpha and one before beta are known.
+//    all (its dot products are its own), for the largest multiple of the team size of tasks;
+//  * split tasks: the rest (fewer tasks than threads) go in blocks of <= block_bytes, every thread taking a
+//    column range of each task of the block, partial sums per thread and task, a barrier before alpha and
+//    one before beta are known.
 // Barriers are what a loaded machine punishes: on this 2-core VM with other jobs running, every OpenMP
 // synchronisation point can cost a scheduler time slice (measured: 8 ms for a 250k-element torch add_, 16 ms
-// for a split cg_step of the same size); whole tasks have none but the end of the parallel region.
+// for a split cg_step of the same size, 7% of the in-place triad's rate for 64 split tasks of 125k floats
+// against 92-100% whole); whole tasks have none but the end of the parallel region. On a quiet machine
+// splitting would keep only one task per team in the cache instead of one per thread, but it did not pay:
+// 8 tasks of 1.25M floats (20 MB each) ran at 74% of the triad split and 73% whole.
 template <typename T>
 void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t* iterations,
              const double* threshold, int64_t tasks, int64_t cols, int num_threads,
-             int64_t block_bytes = kCgBlockBytes, int64_t parallel_task_bytes = kCgParallelTaskBytes) {
+             int64_t block_bytes = kCgBlockBytes, bool whole_tasks = true) {
   // Tasks already converged (or with a non-finite residual) stop before the step; the rest take it.
   std::vector<int64_t> active;
   active.reserve(static_cast<size_t>(tasks));
@@ -199,8 +195,7 @@ void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t
     double* my_pap = pap_part.data() + tid * stride;
     double* my_rr = rr_part.data() + tid * stride;
     // Whole tasks (all of them on one thread).
-    const bool whole = team == 1 || int64_t{team} * task_bytes <= parallel_task_bytes;
-    const int64_t num_whole = whole ? num_active / team * team : 0;
+    const int64_t num_whole = whole_tasks || team == 1 ? num_active / team * team : 0;
     for (int64_t a = tid; a < num_whole; a += team) {
       const int64_t t = active[a];
       const int64_t at = t * cols;

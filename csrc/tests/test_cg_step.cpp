@@ -160,10 +160,10 @@ Expected reference(const std::vector<T>& x, const std::vector<T>& r, const std::
 
 template <typename T>
 void run_case(const State& s, int threads, int64_t block_bytes,
-              int64_t parallel_task_bytes = mk::kCgParallelTaskBytes) {
+              bool whole_tasks = true) {
   MK_CONTEXT(std::string(mk_test::type_name<T>()) + " tasks=" + std::to_string(s.tasks) + " cols=" +
              std::to_string(s.cols) + " threads=" + std::to_string(threads) + " block_bytes=" +
-             std::to_string(block_bytes) + " parallel_task_bytes=" + std::to_string(parallel_task_bytes));
+             std::to_string(block_bytes) + (whole_tasks ? "" : " split"));
   std::vector<T> x = cast<T>(s.x), r = cast<T>(s.r), p = cast<T>(s.p), ap = cast<T>(s.ap);
   const std::vector<T> x0 = x, r0 = r, p0 = p, ap0 = ap;
   std::vector<double> rs = s.rs;
@@ -171,7 +171,7 @@ void run_case(const State& s, int threads, int64_t block_bytes,
   std::vector<int64_t> iterations = s.iterations;
   const Expected e = reference<T>(x0, r0, p0, ap0, s);
   mk::cg_step<T>(x.data(), r.data(), p.data(), ap.data(), rs.data(), status.data(), iterations.data(),
-                 s.threshold.data(), s.tasks, s.cols, threads, block_bytes, parallel_task_bytes);
+                 s.threshold.data(), s.tasks, s.cols, threads, block_bytes, whole_tasks);
   MK_EXPECT_BITWISE("Ap (read only)", ap.data(), ap0.data(), static_cast<int64_t>(ap.size()));
   for (int64_t t = 0; t < s.tasks; ++t) {
     const size_t tt = static_cast<size_t>(t);
@@ -217,8 +217,8 @@ void all_cases() {
       run_case<T>(s, threads, mk::kCgBlockBytes);
       // Split tasks only (no whole-task schedule), in blocks of one task and of three: every block boundary and
       // its barriers exercised. (With the defaults, batches of >= threads tasks run mostly whole.)
-      run_case<T>(s, threads, 1, 0);
-      run_case<T>(s, threads, 3 * 4 * shape.cols * static_cast<int64_t>(sizeof(T)), 0);
+      run_case<T>(s, threads, 1, false);
+      run_case<T>(s, threads, 3 * 4 * shape.cols * static_cast<int64_t>(sizeof(T)), false);
     }
   }
 }
@@ -298,7 +298,7 @@ MK_TEST(cg_step_solves_diagonal_systems) {
     for (int it = 0; it < 6; ++it) {
       for (size_t i = 0; i < ap.size(); ++i) ap[i] = diag[i] * p[i];
       mk::cg_step<double>(x.data(), r.data(), p.data(), ap.data(), rs.data(), status.data(), iterations.data(),
-                          threshold.data(), tasks, cols, threads, 1 << 16, threads == 2 ? 0 : mk::kCgParallelTaskBytes);
+                          threshold.data(), tasks, cols, threads, 1 << 16, threads != 2);
     }
     for (int64_t t = 0; t < tasks; ++t) {
       MK_CONTEXT("threads " + std::to_string(threads) + " task " + std::to_string(t));

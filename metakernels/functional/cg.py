@@ -1,14 +1,15 @@
 """Batched conjugate gradient: T independent symmetric systems A_t x_t = b_t solved in lockstep.
 
-One matvec (all tasks at once, e.g. the Hessian-vector products of iMAML) and one fused vector step per
+One matvec (all tasks at once, e.g. the Hessian-vector products of iMAML) and one fused vector step
+(metakernels.cg_step: x += alpha p, r -= alpha Ap, p = r + beta p and both dot products, in place) per
 iteration; per-task step sizes, convergence and stopping, and no host synchronisation inside the loop (the
 iteration count decides how long it runs; converged or stopped tasks simply stop changing).
 
 Stopping rules per task (status codes):
     CG_CONVERGED           ||r|| <= tol * ||b||  (also b = 0: x = 0)
     CG_NEGATIVE_CURVATURE  p^T A p <= 0: A_t is not positive definite along p (ReLU/tanh Hessians are
-                           indefinite); the task keeps the iterate it had, which is still a descent step of the
-                           quadratic along every direction taken so far
+                           indefinite); the task keeps the iterate it had (every step taken so far, each along a
+                           direction of positive curvature, decreased 1/2 x^T A x - b^T x)
     CG_NONFINITE           b, a dot product or the matvec output is inf/NaN; the task keeps its last finite iterate
     CG_ACTIVE              (at the end) max_iter iterations were not enough
 """
