@@ -22,6 +22,13 @@ Implementations: loop, torchopt, vmap (jvp(grad) HVPs), vmap_rr (grad-of-grad HV
   metakernels: metakernels.iMAML(model, inner_lr, inner_steps, lam, cg_steps, loss_fn, tol=0.0)
                .meta_loss(xs, ys, xq, yq).backward(): the public API only (imported when first used).
 
+Indefinite Hessians: on the sinusoid workload 20 of the 25 tasks have Hessian eigenvalues below -lam (measured in
+float64: smallest eigenvalues of H_t at phi_t between -1.1 and -13.6, largest 13 to 65), so I + H_t/lam is
+indefinite there and CG meets p^T A p <= 0 within its 5 iterations. CG is still defined (the peers carry on); a CG
+that stops such a task (metakernels' batched CG, notes/imaml_api.md) returns a different meta-gradient (0.73
+relative to the plain one on that workload). Both references are computed; see cross_check. The conv workload
+meets no non-positive curvature (smallest ratio ~1.05).
+
 Before timing, a cross-check in float64 on the same workloads (the conv net with --check-tasks tasks): every
 implementation's meta-gradient and meta-loss against the loop's, relative deviation (max |g - g_loop| over all
 parameters / max |g_loop|) <= 1e-9. An implementation that disagrees is flagged loudly, left out of "fastest
@@ -37,12 +44,15 @@ of medians and as the median over rounds of the per-round ratio, all in the same
 and after each workload are recorded.
 
 --memory: peak memory against the number of inner steps k (5, 20, 100): one fresh subprocess per (workload,
-algorithm, k) runs a few meta-steps (float32, 1 thread) of metakernels.iMAML, of second-order metakernels.MAML
-(same model, same k, same inner lr) and of the loop peer (iMAML per task, for reference) and reports its peak
-RSS (getrusage ru_maxrss: raw, over the whole process) and the increment over the RSS measured after imports,
-model, data and learner were set up (VmRSS). Growth = increment(k = 100) / increment(k = 5) (and the same for
-the raw peak). A run whose linear extrapolation from its k = 5 and k = 20 increments exceeds --memory-cap-gb is
-not started and is reported as capped.
+allocator, algorithm, k) runs a few meta-steps (float32, 1 thread) of metakernels.iMAML, of second-order
+metakernels.MAML (same model, same k, same inner lr) and of the loop peer (iMAML per task, for reference). Each
+reports the peak RSS of its meta-steps (the high-water mark VmHWM, which getrusage's ru_maxrss follows, reset to
+the current RSS after imports, model, data and learner were set up: the imports' transient peak would otherwise
+hide a flat algorithm's), the increment of that peak over the RSS after setup, and the whole process's
+ru_maxrss (peak_process_mib). Growth = value(k = 100) / value(k = 5), for the peak and for the increment. Two
+allocator settings (ALLOCATORS): glibc's defaults, and a fixed 128 KiB mmap threshold under which the RSS follows
+the live tensors instead of the heap's fragmentation. A run whose linear extrapolation from its k = 5 and k = 20
+increments exceeds --memory-cap-gb is not started and is reported as capped.
 
     python benchmarks/bench_imaml.py --quick                 # tiny workloads, few repetitions: imaml_quick.*
     python benchmarks/bench_imaml.py                         # full: results/imaml.{json,csv}
@@ -93,6 +103,12 @@ SHARED_MACHINE_NOTE = (
 )
 MEMORY_KS = (5, 20, 100)
 MEMORY_ALGOS = ("imaml", "maml", "imaml_loop")
+# Allocator settings of the memory workers. "glibc": the defaults, what a user gets. "mmap128k": every allocation of
+# 128 KiB or more is its own mmap, returned to the system when freed, so the RSS follows the live tensors. With the
+# defaults glibc raises its mmap threshold after freeing large blocks (up to 32 MiB), serves later ones from the
+# heap, and the heap's fragmentation depends on the allocation history: measured on the conv net, iMAML's peak
+# increment was 211 MiB at k = 5 and 286 MiB at k = 100 with the defaults, 133.4 and 133.7 MiB with mmap128k.
+ALLOCATORS: dict[str, dict[str, str]] = {"glibc": {}, "mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 MetaStep = Callable[[], torch.Tensor]
@@ -544,15 +560,18 @@ def memory_worker(spec: dict) -> dict:
         "peak_steps_bytes": peak_steps,
         "increment_bytes": peak_steps - rss_setup,
         "hwm_reset": hwm_reset,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "median_step_s": times[len(times) // 2],
     }
 
 
-def run_memory_case(spec: dict, timeout_s: float) -> dict:
-    """memory_worker(spec) in a fresh interpreter: (its result or its error)."""
+def run_memory_case(spec: dict, timeout_s: float, allocator: str = "glibc") -> dict:
+    """memory_worker(spec) in a fresh interpreter with the allocator's environment: (its result or its error)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(spec)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(ALLOCATORS[allocator])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -570,59 +589,63 @@ def run_memory(
     cap_bytes: float,
     threads: int = 1,
     timeout_s: float = 3600.0,
+    allocators: Sequence[str] = ("glibc",),
 ) -> list[dict]:
-    """One subprocess per (workload, algorithm, k), k ascending; a run whose increment, extrapolated linearly
-    from the two smallest k measured, would exceed cap_bytes is skipped and reported as capped.
+    """One subprocess per (workload, allocator, algorithm, k), k ascending; a run whose increment, extrapolated
+    linearly from the two smallest k measured, would exceed cap_bytes is skipped and reported as capped.
 
     Returns:
         One row per case: peak_mib, increment_mib, rss_setup_mib, median_step_s (or error / capped).
     """
     rows = []
     ks = sorted(ks)
-    for w in workloads:
-        for algo in algos:
-            why = unavailable("metakernels") if algo == "imaml" else None
-            measured: list[tuple[int, float]] = []
-            for k in ks:
-                row = {"section": "memory", "workload": w.name, "label": w.label, "algo": algo, "k": k,
-                       "steps": steps, "threads": threads, "error": None}  # fmt: skip
-                if why is not None:
-                    rows.append({**row, "error": f"unavailable: {why}"})
+    bad = [a for a in allocators if a not in ALLOCATORS]
+    if bad:
+        raise ValueError(f"run_memory: unknown allocators {bad}; expected some of {list(ALLOCATORS)}")
+    for w, allocator, algo in ((w, a, g) for w in workloads for a in allocators for g in algos):
+        why = unavailable("metakernels") if algo == "imaml" else None
+        measured: list[tuple[int, float]] = []
+        for k in ks:
+            row = {"section": "memory", "workload": w.name, "label": w.label, "algo": algo,
+                   "allocator": allocator, "k": k, "steps": steps, "threads": threads, "error": None}  # fmt: skip
+            if why is not None:
+                rows.append({**row, "error": f"unavailable: {why}"})
+                continue
+            if len(measured) >= 2:
+                (k0, m0), (k1, m1) = measured[:2]
+                predicted = m1 + (m1 - m0) / (k1 - k0) * (k - k1)
+                row["predicted_increment_mib"] = predicted / 2**20
+                if predicted > cap_bytes:
+                    row["error"] = (
+                        f"capped: increment extrapolated from k={k0},{k1} is {predicted / 2**30:.1f} GiB "
+                        f"> --memory-cap-gb {cap_bytes / 2**30:g}"
+                    )
+                    rows.append(row)
+                    print(f"  {w.name:10} {allocator:8} {algo:11} k={k:4}  {row['error']}", flush=True)
                     continue
-                if len(measured) >= 2:
-                    (k0, m0), (k1, m1) = measured[:2]
-                    predicted = m1 + (m1 - m0) / (k1 - k0) * (k - k1)
-                    row["predicted_increment_mib"] = predicted / 2**20
-                    if predicted > cap_bytes:
-                        row["error"] = (
-                            f"capped: increment extrapolated from k={k0},{k1} is {predicted / 2**30:.1f} GiB "
-                            f"> --memory-cap-gb {cap_bytes / 2**30:g}"
-                        )
-                        rows.append(row)
-                        print(f"  {w.name:10} {algo:11} k={k:4}  {row['error']}", flush=True)
-                        continue
-                spec = {"workload": w.name, "algo": algo, "k": k, "steps": steps, "threads": threads}
-                res = run_memory_case(spec, timeout_s)
-                if "error" in res:
-                    rows.append({**row, "error": res["error"]})
-                    print(f"  {w.name:10} {algo:11} k={k:4}  error: {res['error']}", flush=True)
-                    continue
-                measured.append((k, res["increment_bytes"]))
-                row.update(
-                    peak_mib=res["peak_steps_bytes"] / 2**20,
-                    increment_mib=res["increment_bytes"] / 2**20,
-                    rss_setup_mib=res["rss_setup_bytes"] / 2**20,
-                    peak_process_mib=res["peak_process_bytes"] / 2**20,
-                    peak_setup_mib=res["peak_setup_bytes"] / 2**20,
-                    hwm_reset=res["hwm_reset"],
-                    median_step_s=res["median_step_s"],
-                )
-                rows.append(row)
-                print(
-                    f"  {w.name:10} {algo:11} k={k:4}  peak {row['peak_mib']:8.1f} MiB  increment "
-                    f"{row['increment_mib']:8.1f} MiB  ({row['median_step_s']:.3f} s/step)",
-                    flush=True,
-                )
+            spec = {"workload": w.name, "algo": algo, "k": k, "steps": steps, "threads": threads}
+            res = run_memory_case(spec, timeout_s, allocator)
+            if "error" in res:
+                rows.append({**row, "error": res["error"]})
+                print(f"  {w.name:10} {allocator:8} {algo:11} k={k:4}  error: {res['error']}", flush=True)
+                continue
+            measured.append((k, res["increment_bytes"]))
+            row.update(
+                peak_mib=res["peak_steps_bytes"] / 2**20,
+                increment_mib=res["increment_bytes"] / 2**20,
+                rss_setup_mib=res["rss_setup_bytes"] / 2**20,
+                peak_process_mib=res["peak_process_bytes"] / 2**20,
+                peak_setup_mib=res["peak_setup_bytes"] / 2**20,
+                hwm_reset=res["hwm_reset"],
+                malloc_env=res["malloc_env"],
+                median_step_s=res["median_step_s"],
+            )
+            rows.append(row)
+            print(
+                f"  {w.name:10} {allocator:8} {algo:11} k={k:4}  peak {row['peak_mib']:8.1f} MiB  increment "
+                f"{row['increment_mib']:8.1f} MiB  ({row['median_step_s']:.3f} s/step)",
+                flush=True,
+            )
     add_growth(rows)
     return rows
 
@@ -630,12 +653,12 @@ def run_memory(
 def add_growth(rows: list[dict]) -> None:
     """growth_increment / growth_peak on each (workload, algo)'s largest-k row: value at that k over the value
     at the smallest k (both measured)."""
-    keys = dict.fromkeys((r["workload"], r["algo"]) for r in rows if r["section"] == "memory")
-    for wname, algo in keys:
-        ok = sorted(
-            (r for r in rows if r["workload"] == wname and r["algo"] == algo and r.get("peak_mib") is not None),
-            key=lambda r: r["k"],
-        )
+
+    def key(r: dict) -> tuple:
+        return r["workload"], r.get("allocator", "glibc"), r["algo"]
+
+    for group in dict.fromkeys(key(r) for r in rows if r["section"] == "memory"):
+        ok = sorted((r for r in rows if key(r) == group and r.get("peak_mib") is not None), key=lambda r: r["k"])
         if len(ok) < 2:
             continue
         lo = ok[0]
@@ -650,11 +673,15 @@ def memory_table(rows: Sequence[dict]) -> str:
     ks = sorted(dict.fromkeys(r["k"] for r in mem))
     if not ks:
         return ""
-    head = "| workload | algorithm | " + " | ".join(f"k={k}: peak / incr. MiB" for k in ks)
+    head = "| workload | allocator | algorithm | " + " | ".join(f"k={k}: peak / incr. MiB" for k in ks)
     head += f" | growth k={ks[-1]}/k={ks[0]} (peak, increment) |"
-    lines = [head, "|" + " --- |" * (len(ks) + 3)]
-    for wname, algo in dict.fromkeys((r["workload"], r["algo"]) for r in mem):
-        by_k = {r["k"]: r for r in mem if r["workload"] == wname and r["algo"] == algo}
+    lines = [head, "|" + " --- |" * (len(ks) + 4)]
+
+    def key(r: dict) -> tuple:
+        return r["workload"], r.get("allocator", "glibc"), r["algo"]
+
+    for group in dict.fromkeys(key(r) for r in mem):
+        by_k = {r["k"]: r for r in mem if key(r) == group}
         cells = []
         for k in ks:
             r = by_k.get(k)
@@ -668,7 +695,7 @@ def memory_table(rows: Sequence[dict]) -> str:
         last = by_k.get(ks[-1], {})
         gp, gi = last.get(f"growth_peak_vs_k{ks[0]}"), last.get(f"growth_increment_vs_k{ks[0]}")
         growth = f"{gp:.2f}x, {gi:.2f}x" if gp is not None else "-"
-        lines.append(f"| {wname} | {algo} | " + " | ".join(cells) + f" | {growth} |")
+        lines.append(f"| {' | '.join(group)} | " + " | ".join(cells) + f" | {growth} |")
     return "\n".join(lines)
 
 
@@ -749,7 +776,8 @@ def summarise(rows: Sequence[dict]) -> dict:
     mem = [r for r in rows if r["section"] == "memory"]
     for r in mem:
         for key in [k for k in r if k.startswith("growth_")]:
-            out.setdefault("memory_growth", {})[f"{r['workload']}/{r['algo']} k={r['k']} {key}"] = r[key]
+            name = f"{r['workload']}/{r.get('allocator', 'glibc')}/{r['algo']} k={r['k']} {key}"
+            out.setdefault("memory_growth", {})[name] = r[key]
     return out
 
 
@@ -782,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", action="store_true", help="the peak-memory sweep over k instead of the timing")
     p.add_argument("--memory-ks", default=",".join(map(str, MEMORY_KS)))
     p.add_argument("--memory-algos", default=",".join(MEMORY_ALGOS))
+    p.add_argument("--memory-allocators", default=",".join(ALLOCATORS), help=f"some of {list(ALLOCATORS)}")
     p.add_argument("--memory-steps", type=int, default=2, help="meta-steps per memory run (default 2)")
     p.add_argument("--memory-cap-gb", type=float, default=8.0, help="skip runs extrapolated beyond this (GiB)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -829,12 +858,14 @@ def main(argv: list[str] | None = None) -> int:
         ks = [int(k) for k in _csv_list(args.memory_ks)]
         algos = _csv_list(args.memory_algos)
         print(f"peak RSS, one process per (workload, algorithm, k), {args.memory_steps} meta-steps, 1 thread ...")
-        rows += run_memory(workloads, algos, ks, args.memory_steps, args.memory_cap_gb * 2**30)
+        allocators = _csv_list(args.memory_allocators)
+        rows += run_memory(workloads, algos, ks, args.memory_steps, args.memory_cap_gb * 2**30, allocators=allocators)
         print("\n" + memory_table(rows))
         config.update(
             memory_ks=ks,
             memory_algos=algos,
             memory_steps=args.memory_steps,
+            memory_allocators={a: ALLOCATORS[a] for a in allocators},
             memory_cap_gb=args.memory_cap_gb,
             workloads=[dataclasses.asdict(w) for w in workloads],
             measure="peak = getrusage(RUSAGE_SELF).ru_maxrss of a fresh process; increment = peak - VmRSS after "

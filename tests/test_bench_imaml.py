@@ -117,6 +117,10 @@ def test_memory_harness():
     assert by[("maml", 16)]["growth_increment_vs_k2"] > 2.0
     assert by[("maml", 64)]["error"].startswith("capped") and by[("maml", 64)]["predicted_increment_mib"] > 120
     assert by[("imaml_loop", 64)]["growth_increment_vs_k2"] <= 1.1
+    # The allocator setting reaches the worker.
+    (fixed,) = bench_imaml.run_memory([w], ["imaml_loop"], (2,), steps=1, cap_bytes=cap, allocators=("mmap128k",))
+    assert fixed["error"] is None and fixed["malloc_env"] == bench_imaml.ALLOCATORS["mmap128k"]
+    assert by[("imaml_loop", 2)]["malloc_env"] == {}
     imaml = by[("imaml", 64)]
     if str(imaml["error"]).startswith("unavailable"):
         pytest.skip(f"metakernels.iMAML: {imaml['error']}")
