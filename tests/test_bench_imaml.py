@@ -108,12 +108,16 @@ def test_memory_harness():
     (w,) = bench_imaml.memory_test_workloads()
     cap = 120 * 2**20  # MAML at k = 64 is predicted ~300 MiB above its setup RSS (~4.7 MiB per step, measured)
     rows = bench_imaml.run_memory([w], ["maml"], (2, 16, 64), steps=1, cap_bytes=cap)
-    rows += bench_imaml.run_memory([w], ["imaml_loop", "imaml"], (2, 64), steps=1, cap_bytes=cap)
+    rows += bench_imaml.run_memory([w], ["imaml_loop"], (2, 64), steps=1, cap_bytes=cap)
     by = {(r["algo"], r["k"]): r for r in rows}
     for r in rows:
         if r["algo"] != "imaml" and not str(r["error"]).startswith("capped"):
             assert r["error"] is None, r
-            assert r["hwm_reset"] and 0 < r["rss_setup_mib"] <= r["peak_mib"] <= r["peak_process_mib"]
+            # Linux batches RSS accounting per thread (up to 64 pages = 256 KiB each before the mm counters, and so
+            # VmHWM, catch up), so VmRSS read just after the reset can exceed the VmHWM read later by that much:
+            # seen 0.15 MiB. 1 MiB allows four threads.
+            assert r["hwm_reset"] and 0 < r["rss_setup_mib"] <= r["peak_mib"] + 1.0
+            assert r["peak_mib"] <= r["peak_process_mib"]
     assert by[("maml", 16)]["growth_increment_vs_k2"] > 2.0
     assert by[("maml", 64)]["error"].startswith("capped") and by[("maml", 64)]["predicted_increment_mib"] > 120
     assert by[("imaml_loop", 64)]["growth_increment_vs_k2"] <= 1.1
@@ -121,7 +125,11 @@ def test_memory_harness():
     (fixed,) = bench_imaml.run_memory([w], ["imaml_loop"], (2,), steps=1, cap_bytes=cap, allocators=("mmap128k",))
     assert fixed["error"] is None and fixed["malloc_env"] == bench_imaml.ALLOCATORS["mmap128k"]
     assert by[("imaml_loop", 2)]["malloc_env"] == {}
-    imaml = by[("imaml", 64)]
+    # metakernels.iMAML's live memory must not grow with k. Under glibc's default (dynamic) mmap threshold the
+    # RSS also carries heap fragmentation that varies from run to run (measured 1.15x and 1.21x at this size
+    # while the live tensors stay the same); with a fixed 128 KiB threshold the RSS follows the live memory.
+    imaml_rows = bench_imaml.run_memory([w], ["imaml"], (2, 64), steps=1, cap_bytes=cap, allocators=("mmap128k",))
+    imaml = {r["k"]: r for r in imaml_rows}[64]
     if str(imaml["error"]).startswith("unavailable"):
         pytest.skip(f"metakernels.iMAML: {imaml['error']}")
     assert imaml["error"] is None, imaml
