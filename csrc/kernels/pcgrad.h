@@ -876,6 +876,18 @@ inline void run_chunks(int nthreads, int64_t num_chunks, Fn&& fn) {
   for (int64_t c = 0; c < num_chunks; ++c) fn(c, 0);
 }
 
+// mine[a, b] += the sum of the 8 float64 lanes of d[a, b] over the upper triangle: a chunk's vector
+// accumulators folded into its partial Gram (both dot-tile paths end a chunk this way).
+inline void add_lane_sums(const std::vector<D8>& d, int64_t rows, double* mine) {
+  for (int64_t a = 0; a < rows; ++a)
+    for (int64_t b = a; b < rows; ++b) {
+      const D8 v = d[a * rows + b];
+      double sum = 0.0;
+      for (int l = 0; l < 8; ++l) sum += v[l];
+      mine[a * rows + b] += sum;
+    }
+}
+
 // K (both triangles) = the chunks' upper-triangle partial Grams added in chunk order.
 inline void sum_partials(const std::vector<double>& partial, int64_t num_chunks, int64_t rows, double* K) {
   for (int64_t a = 0; a < rows; ++a)
@@ -975,13 +987,7 @@ void gram(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& runs, do
       double* mine = partial.data() + c * rows * rows;
       gram_segments_dot(g, rows, ld, shared_slice(runs, lo, hi), calls, reinterpret_cast<__m256*>(fv[tid].data()),
                         d.data(), mine);
-      for (int64_t a = 0; a < rows; ++a)
-        for (int64_t b = a; b < rows; ++b) {
-          const D8 v = d[a * rows + b];
-          double sum = 0.0;
-          for (int l = 0; l < 8; ++l) sum += v[l];
-          mine[a * rows + b] += sum;
-        }
+      add_lane_sums(d, rows, mine);
     });
     sum_partials(partial, num_chunks, rows, K);
     return;
@@ -999,13 +1005,7 @@ void gram(const T* g, int64_t rows, int64_t ld, const std::vector<Run>& runs, do
     }
     double* mine = partial.data() + c * rows * rows;
     gram_segments<T>(g, rows, ld, shared_slice(runs, lo, hi), d.data(), facc[tid].data(), mine);
-    for (int64_t a = 0; a < rows; ++a)
-      for (int64_t b = a; b < rows; ++b) {
-        const D8 v = d[a * rows + b];
-        double sum = 0.0;
-        for (int l = 0; l < 8; ++l) sum += v[l];
-        mine[a * rows + b] += sum;
-      }
+    add_lane_sums(d, rows, mine);
   });
   sum_partials(partial, num_chunks, rows, K);
 }
