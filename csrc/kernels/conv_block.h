@@ -55,9 +55,9 @@ struct BlockShape {
 };
 
 // Lanes of one vector register of the target ISA: the channel block the register-blocked loops below work
-// on. Sized to the ISA, not fixed at 64 bytes: on AVX2 (16 ymm registers) 64-byte blocks need two registers
-// per accumulator, and the 3x3 weight-gradient tile (9 accumulators) spilled: the input layer's backward ran
-// 4x slower than with 32-byte blocks (measured on a Zen 3 EPYC, 1 thread: 173 ms vs see bench notes).
+// on. Sized to the ISA, not fixed at 64 bytes: on AVX2 (16 ymm registers) a 64-byte block takes two registers
+// per accumulator, so the 3x3 weight-gradient tile's 9 accumulators would need 18 (no timing difference was
+// measurable on a Zen 3 EPYC: the direct path is bound elsewhere; this keeps the tiles within the register file).
 #if defined(__AVX512F__)
 constexpr int64_t kVectorBytes = 64;
 #else
