@@ -25,6 +25,7 @@ from ._losses import LossFn, per_task_losses, standard_loss
 Rate = tuple[torch.Tensor | float, torch.Tensor | None]  # (lr, segment_offsets)
 
 NONFINITE_MODES = ("raise", "skip")
+META_GRADIENT_MODES = ("auto", "unroll", "hvp")
 
 
 class _FiniteTracker:
@@ -81,6 +82,11 @@ class GradientLearner(nn.Module):
             w * mean_t ||H[L(theta'_t, support_t)]||_F^2 at the adapted weights theta' (Hutchinson estimate,
             see metakernels.functional.hessian_penalty). 0 (default): not computed, the plain meta-loss.
         hessian_probes: Rademacher probes per task for that estimate (drawn from torch's global generator).
+        meta_gradient: how the second-order meta-gradient is computed. "unroll": autograd through the unrolled
+            inner loop (the double backward of every layer). "hvp": reverse accumulation with Hessian-vector
+            products by the conv-net R-operator, no graph kept (learners/_hvp_route.py; plain MAML steps on a
+            conv net the R-operator covers, every meta-learned parameter adapted; raises otherwise). "auto"
+            (default): "hvp" where it applies, else "unroll". Both give the same meta-gradient up to rounding.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class GradientLearner(nn.Module):
         fused: bool = True,
         hessian_penalty: float = 0.0,
         hessian_probes: int = 1,
+        meta_gradient: str = "auto",
     ):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
@@ -120,6 +127,9 @@ class GradientLearner(nn.Module):
         self._mlp = spec if spec is not None and tuple(self.layout.names) == spec.parameter_names else None
         self._standard_loss = standard_loss(loss_fn)
         self._init_hessian_penalty(hessian_penalty, hessian_probes)
+        if meta_gradient not in META_GRADIENT_MODES:
+            raise ValueError(f"{self._who}: meta_gradient must be one of {META_GRADIENT_MODES}, got {meta_gradient!r}")
+        self.meta_gradient = meta_gradient
 
     def _init_hessian_penalty(self, weight: float, probes: int) -> None:
         # Issue 5: the penalty is one extra term of _meta_loss below; a learner with its own _meta_loss
@@ -169,6 +179,20 @@ class GradientLearner(nn.Module):
         from ..ops.mlp_loss_grad import mlp_loss_grad
 
         return mlp_loss_grad(flat, x, y, list(mlp.widths), activation=mlp.activation, loss=kind)
+
+    def _detached_loss_grad(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task losses [T] and gradients [T, P] at flat, without a graph (prepared inputs x)."""
+        with torch.no_grad():
+            fused = self._fused_mlp_loss_grad(flat, x, y)
+        if fused is not None:
+            return fused
+        with torch.enable_grad():
+            theta = flat.detach().requires_grad_()
+            losses = per_task_losses(self.loss_fn, self.forward_tasks(theta, x), y)
+            (grad,) = torch.autograd.grad(losses.sum(), theta, allow_unused=True, materialize_grads=True)
+        return losses.detach(), grad
 
     # --- the inner loop -----------------------------------------------------------------------------
 
@@ -256,6 +280,14 @@ class GradientLearner(nn.Module):
 
     def _meta_loss(self, xs, ys, xq, yq, tracker: _FiniteTracker | None) -> torch.Tensor:
         create_graph = torch.is_grad_enabled() and not self.first_order
+        if create_graph and self.meta_gradient != "unroll":
+            from ._hvp_route import hvp_route_meta_loss, hvp_route_refusal
+
+            why_not = hvp_route_refusal(self, xs, ys)
+            if why_not is None:
+                return hvp_route_meta_loss(self, xs, ys, xq, yq, tracker)
+            if self.meta_gradient == "hvp":
+                raise ValueError(f"{self._who}: meta_gradient='hvp' does not apply here: {why_not}")
         xs_in, xq_in = self.prepare_inputs(xs), self.prepare_inputs(xq)
         weights = self.step_loss_weights()
         step_losses: list[torch.Tensor] = []
@@ -292,6 +324,8 @@ class GradientLearner(nn.Module):
 
     def extra_repr(self) -> str:
         text = f"inner_steps={self.inner_steps}, first_order={self.first_order}, adapted={self.layout}"
+        if self.meta_gradient != "auto":
+            text += f", meta_gradient={self.meta_gradient!r}"
         if self.hessian_penalty:
             text += f", hessian_penalty={self.hessian_penalty}, hessian_probes={self.hessian_probes}"
         return text

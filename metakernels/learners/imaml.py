@@ -40,29 +40,14 @@ from torch import nn
 
 from ..functional.cg import CG_NEGATIVE_CURVATURE, CG_NONFINITE, CGResult, batched_cg
 from ..functional.hvp import hvp_operator
-from ..functional.task_params import ParameterLayout, TaskParams
+from ..functional.task_params import TaskParams
 from ..ops.inner_step import inner_step
 from ._inputs import check_episode, check_pair
 from ._losses import LossFn, per_task_losses
+from ._precomputed import PrecomputedGradient
 from .base import GradientLearner, Rate, _FiniteTracker
 
 LamSpec = float | Mapping[str, float] | Sequence[float]
-
-
-class _ImplicitGradient(torch.autograd.Function):
-    """value (detached) -> value; backward gives each parameter grad_output * its slice of ``direction``."""
-
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, direction: torch.Tensor, layout: ParameterLayout, *params: torch.Tensor):
-        ctx.direction, ctx.layout = direction, layout
-        return value.clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        direction = ctx.direction * grad_output
-        grads = [direction[s.offset : s.offset + s.numel].view(s.shape) for s in ctx.layout.specs]
-        return None, None, None, *grads
 
 
 def _positive(who: str, name: str, value: object) -> float:
@@ -195,18 +180,6 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
     def inner_rate(self, step: int) -> Rate:
         return self.inner_lr, None
 
-    def _loss_grad(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-task losses [T] and gradients [T, P] at flat, without a graph."""
-        with torch.no_grad():
-            fused = self._fused_mlp_loss_grad(flat, x, y)
-        if fused is not None:
-            return fused
-        with torch.enable_grad():
-            theta = flat.detach().requires_grad_()
-            losses = per_task_losses(self.loss_fn, self.forward_tasks(theta, x), y)
-            (grad,) = torch.autograd.grad(losses.sum(), theta, allow_unused=True, materialize_grads=True)
-        return losses.detach(), grad
-
     def _inner_loop(
         self, theta: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, steps: int, tracker: _FiniteTracker | None
     ) -> torch.Tensor:
@@ -215,7 +188,7 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         lr = torch.tensor(self.inner_lr, dtype=theta.dtype, device=theta.device)
         lam = None if isinstance(self.lam, float) else self._per_coordinate(self.lam, theta)
         for step in range(steps):
-            losses, grad = self._loss_grad(phi, xs, ys)
+            losses, grad = self._detached_loss_grad(phi, xs, ys)
             if tracker is not None:
                 tracker.record(f"inner loss at step {step}", losses)
                 tracker.record(f"inner gradient at step {step}", grad)
@@ -256,7 +229,7 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         phi = self._inner_loop(theta, xs, ys, self.inner_steps, tracker)
         solve = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if solve:
-            query_losses, g_test = self._loss_grad(phi, xq, yq)
+            query_losses, g_test = self._detached_loss_grad(phi, xq, yq)
         else:  # evaluation (no_grad, or nothing to learn): the loss only
             with torch.no_grad():
                 query_losses = per_task_losses(self.loss_fn, self.forward_tasks(phi, xq), yq)
@@ -279,7 +252,7 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         value = query_losses.mean()
         if direction is None:
             return value
-        return _ImplicitGradient.apply(value, direction.mean(0), self.layout, *params)
+        return PrecomputedGradient.apply(value, direction.mean(0), self.layout, *params)
 
     def _solve(self, phi: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, g: torch.Tensor) -> CGResult:
         """CG on (H_t + (1 + c) D) y_t = g_t for every task; result.x holds y (scaled to x by the caller)."""

@@ -1,0 +1,103 @@
+"""Second-order MAML meta-gradients by reverse accumulation with Hessian-vector products (no unrolled graph).
+
+For plain gradient steps phi_{i+1} = phi_i - a_i (g_i + wd phi_i), g_i = grad L_support(phi_i), the exact
+meta-gradient of L_query(phi_k) with respect to theta = phi_0 is the transposed Jacobian of every step applied
+in reverse (each step's Jacobian is symmetric: I - a_i (H_i + wd I), H_i the support Hessian at phi_i):
+
+    v_k = grad L_query(phi_k);   v_i = v_{i+1} - a_i (H_i v_{i+1} + wd v_{i+1});   d L_query / d theta = v_0
+
+per task, and the meta-loss mean over tasks takes the mean of the v_0. Autograd through the unrolled loop
+computes exactly these products, but through the double-backward graph of every layer (aten's BatchNorm and
+convolution double backwards) and keeps every step's activation graph alive. Here each H_i v is one call of the
+conv-net R-operator (functional/conv_rop.py: about two gradients' work, all tasks as grouped convolutions), the
+gradients run without a graph through the fused conv-block kernels, and memory holds the k fast weights [T, P]
+rather than k activation graphs.
+
+Applies to MAML-style learners whose inner rates are plain numbers (no learned rates: Meta-SGD and MAML++ need
+d/d(rate) terms), with no per-step query losses, no Hessian penalty, no input preprocessing (ANIL), every
+meta-learned parameter adapted, on a model the conv-net R-operator covers (conv blocks, Flatten, Linear layers;
+MSE or cross-entropy). Everything else takes the unrolled path; ``meta_gradient="unroll"`` forces it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..functional.hvp import conv_rop_case, hvp_operator
+from ..functional.task_params import TaskParams
+from ..ops.inner_step import inner_step
+from ._precomputed import PrecomputedGradient
+
+if TYPE_CHECKING:
+    from .base import GradientLearner, _FiniteTracker
+
+
+def hvp_route_refusal(learner: GradientLearner, xs: torch.Tensor, ys: torch.Tensor) -> str | None:
+    """None when the route computes this learner's meta-gradient exactly; otherwise why not (for errors)."""
+    from .base import GradientLearner
+
+    cls = type(learner)
+    if learner.inner_steps < 1:
+        return "no inner steps (nothing second-order to differentiate)"
+    own_inputs = cls.prepare_inputs is not GradientLearner.prepare_inputs
+    if own_inputs or cls.forward_tasks is not GradientLearner.forward_tasks:
+        return f"{cls.__name__} transforms its inputs or its forward pass"
+    if learner.step_loss_weights() is not None:
+        return "per-step query losses (MAML++ multi-step loss)"
+    if learner.hessian_penalty != 0:
+        return "a Hessian penalty is part of the meta-loss"
+    for step in range(learner.inner_steps):
+        lr, offsets = learner.inner_rate(step)
+        if offsets is not None or isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            return "the inner learning rates are tensors (learned rates need their own meta-gradient)"
+    meta_learned = {name for name, p in learner.model.named_parameters() if p.requires_grad}
+    if meta_learned != set(learner.layout.names):
+        return "some meta-learned parameters are not adapted in the inner loop"
+    if not learner.fused:
+        return "fused=False (the R-operator runs on the fused plan)"
+    flat = learner._reference_param()
+    if conv_rop_case(learner.model, learner.layout, learner.loss_fn, flat, xs, ys) is None:
+        return "the model, loss or data is not one the conv-net R-operator covers"
+    return None
+
+
+def hvp_route_meta_loss(
+    learner: GradientLearner,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    tracker: _FiniteTracker | None,
+) -> torch.Tensor:
+    """mean_t L_query,t(phi_k,t), whose backward accumulates the exact second-order meta-gradient."""
+    layout = learner.layout
+    params = layout.parameters(learner.model)
+    with torch.no_grad():
+        theta = layout.flatten_module(learner.model)
+    phi = theta.unsqueeze(0).expand(xs.shape[0], -1).contiguous()
+    points: list[torch.Tensor] = []  # phi_0 .. phi_{k-1}: where the support Hessians are taken
+    rates: list[float] = []
+    for step in range(learner.inner_steps):
+        losses, grad = learner._detached_loss_grad(phi, xs, ys)
+        if tracker is not None:
+            tracker.record(f"inner loss at step {step}", losses)
+            tracker.record(f"inner gradient at step {step}", grad)
+        lr = float(learner.inner_rate(step)[0])
+        points.append(phi)
+        rates.append(lr)
+        with torch.no_grad():
+            phi = inner_step(phi, grad, lr, weight_decay=learner.weight_decay)
+    query_losses, v = learner._detached_loss_grad(phi, xq, yq)
+    if tracker is not None:
+        tracker.record("query loss", query_losses)
+    wd = learner.weight_decay
+    for point, lr in zip(reversed(points), reversed(rates), strict=True):
+        hessian = hvp_operator(learner.model, TaskParams(point, layout), xs, ys, loss_fn=learner.loss_fn)
+        hv = hessian(v)
+        if wd != 0:
+            hv.add_(v, alpha=wd)
+        v = v.sub_(hv, alpha=lr) if v.is_contiguous() else v - lr * hv
+    return PrecomputedGradient.apply(query_losses.mean(), v.mean(0), layout, *params)

@@ -1,0 +1,204 @@
+"""Second-order MAML by reverse Hessian-vector products (learners/_hvp_route.py) equals the unrolled path.
+
+The unrolled path (autograd through the inner loop) is itself checked against a naive per-task loop in
+test_learners_exact.py; here both paths run on the same learner configuration in float64, where they must
+agree to rounding (~1e-12 relative: the same products summed in a different order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from naive_meta import image_batch, make_convnet, make_mlp, sinusoid_batch
+from torch import nn
+
+import metakernels as mk
+from metakernels.learners import _hvp_route
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _meta_grad(learner: mk.MAML, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    model = learner.model
+    for p in model.parameters():
+        p.grad = None
+    loss = learner.meta_loss(*batch)
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _both(make_learner, batch):
+    return _meta_grad(make_learner("unroll"), batch), _meta_grad(make_learner("hvp"), batch)
+
+
+def _regression_convnet() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
+        nn.Tanh(),
+        nn.Linear(5, 2),
+    ).to(torch.float64)
+
+
+def _regression_batch(num_tasks: int = 2):
+    g = torch.Generator().manual_seed(4)
+    xs, xq = (torch.randn(num_tasks, 4, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ys, yq = (torch.randn(num_tasks, 4, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    return xs, ys, xq, yq
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_hvp_route_equals_unrolled_conv_maml(steps, weight_decay):
+    model = make_convnet()
+    batch = image_batch()
+
+    def learner(mode):
+        return mk.MAML(
+            model,
+            inner_lr=0.3,
+            inner_steps=steps,
+            loss_fn=F.cross_entropy,
+            weight_decay=weight_decay,
+            meta_gradient=mode,
+        )
+
+    (loss_u, grad_u), (loss_h, grad_h) = _both(learner, batch)
+    torch.testing.assert_close(loss_h, loss_u, **TOL)
+    torch.testing.assert_close(grad_h, grad_u, **TOL)
+    assert grad_u.abs().max() > 1e-3  # a real gradient, not two zeros
+
+
+def test_hvp_route_with_mse_head_and_negative_rate():
+    # A regression head (MSE, tanh hidden layer) and a negative inner rate: the route assumes no sign.
+    model = _regression_convnet()
+
+    def learner(mode):
+        return mk.MAML(model, inner_lr=-0.05, inner_steps=2, loss_fn=F.mse_loss, meta_gradient=mode)
+
+    (loss_u, grad_u), (loss_h, grad_h) = _both(learner, _regression_batch())
+    torch.testing.assert_close(loss_h, loss_u, **TOL)
+    torch.testing.assert_close(grad_h, grad_u, **TOL)
+
+
+def test_auto_takes_the_route_on_conv_nets_and_not_on_mlps(monkeypatch):
+    calls = []
+    original = _hvp_route.hvp_route_meta_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_hvp_route, "hvp_route_meta_loss", counting)
+    conv = mk.MAML(make_convnet(), inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy)
+    _meta_grad(conv, image_batch())
+    assert len(calls) == 1
+    mlp = mk.MAML(make_mlp(), inner_lr=0.01, inner_steps=1, loss_fn=F.mse_loss)
+    _meta_grad(mlp, sinusoid_batch())
+    assert len(calls) == 1  # MLPs keep their fused double-backward kernel
+    # First order and evaluation never take it (nothing second-order to compute).
+    fo = mk.FOMAML(make_convnet(), inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy)
+    _meta_grad(fo, image_batch())
+    with torch.no_grad():
+        conv.meta_loss(*image_batch())
+    assert len(calls) == 1
+
+
+def test_hvp_route_skips_nonfinite_tasks_like_the_unrolled_path():
+    model = _regression_convnet()
+    xs, ys, xq, yq = _regression_batch(num_tasks=3)
+    ys = ys.clone()
+    ys[1] = 1e200  # task 1's support loss overflows to inf (finite inputs: they pass the input checks)
+
+    def learner(mode):
+        return mk.MAML(model, inner_lr=0.1, inner_steps=1, loss_fn=F.mse_loss, nonfinite="skip", meta_gradient=mode)
+
+    with pytest.warns(RuntimeWarning, match=r"skipping tasks \[1\]"):
+        (loss_u, grad_u) = _meta_grad(learner("unroll"), (xs, ys, xq, yq))
+    with pytest.warns(RuntimeWarning, match=r"skipping tasks \[1\]"):
+        (loss_h, grad_h) = _meta_grad(learner("hvp"), (xs, ys, xq, yq))
+    torch.testing.assert_close(loss_h, loss_u, **TOL)
+    torch.testing.assert_close(grad_h, grad_u, **TOL)
+    assert torch.isfinite(grad_h).all()
+    raising = mk.MAML(model, inner_lr=0.1, inner_steps=1, loss_fn=F.mse_loss, meta_gradient="hvp")
+    with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
+        raising.meta_loss(xs, ys, xq, yq)
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (
+            lambda: mk.MAML(make_mlp(), inner_lr=0.01, inner_steps=1, loss_fn=F.mse_loss, meta_gradient="hvp"),
+            "R-operator",
+        ),
+        (
+            lambda: mk.MetaSGD(make_convnet(), inner_steps=1, loss_fn=F.cross_entropy, meta_gradient="hvp"),
+            "learning rates",
+        ),
+        (
+            lambda: mk.MAML(make_convnet(), inner_lr=0.3, inner_steps=0, loss_fn=F.cross_entropy, meta_gradient="hvp"),
+            "no inner steps",
+        ),
+        (
+            lambda: mk.MAML(
+                make_convnet(),
+                inner_lr=0.3,
+                inner_steps=1,
+                loss_fn=F.cross_entropy,
+                meta_gradient="hvp",
+                hessian_penalty=0.1,
+            ),
+            "Hessian penalty",
+        ),
+        (
+            lambda: mk.MAML(
+                make_convnet(),
+                inner_lr=0.3,
+                inner_steps=1,
+                loss_fn=F.cross_entropy,
+                meta_gradient="hvp",
+                adapt_filter=lambda name, p: not name.startswith("9."),
+            ),
+            "not adapted",
+        ),
+        (
+            lambda: mk.MAML(
+                make_convnet(), inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy, meta_gradient="hvp", fused=False
+            ),
+            "fused=False",
+        ),
+    ],
+)
+def test_forced_route_names_why_it_does_not_apply(make, why):
+    learner = make()
+    batch = sinusoid_batch() if isinstance(learner.model[0], nn.Linear) else image_batch()
+    with pytest.raises(ValueError, match=why):
+        learner.meta_loss(*batch)
+
+
+def test_refused_cases_fall_back_under_auto():
+    # Meta-SGD on the conv net: "auto" quietly takes the unrolled path, whose result test_learners_exact checks.
+    learner = mk.MetaSGD(make_convnet(), inner_steps=1, loss_fn=F.cross_entropy)
+    loss, grad = _meta_grad(learner, image_batch())
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+def test_meta_gradient_argument_is_validated():
+    with pytest.raises(ValueError, match="meta_gradient"):
+        mk.MAML(make_convnet(), inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy, meta_gradient="implicit")
+
+
+def test_route_keeps_no_graph_through_the_inner_loop():
+    learner = mk.MAML(make_convnet(), inner_lr=0.3, inner_steps=2, loss_fn=F.cross_entropy, meta_gradient="hvp")
+    loss = learner.meta_loss(*image_batch())
+    # One node: the precomputed gradient, whose inputs are the parameters' AccumulateGrad leaves.
+    assert type(loss.grad_fn).__name__ == "PrecomputedGradientBackward"
+    leaves = {type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None}
+    assert leaves == {"AccumulateGrad"}
