@@ -202,3 +202,14 @@ def test_route_keeps_no_graph_through_the_inner_loop():
     assert type(loss.grad_fn).__name__ == "PrecomputedGradientBackward"
     leaves = {type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None}
     assert leaves == {"AccumulateGrad"}
+
+
+def test_differentiating_the_precomputed_meta_gradient_again_raises_a_clear_error():
+    model = make_convnet()
+    loss = mk.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy).meta_loss(*image_batch())
+    with pytest.raises(RuntimeError, match="meta_gradient='unroll'"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    # The unrolled path keeps the graph of the meta-gradient itself.
+    unrolled = mk.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy, meta_gradient="unroll")
+    grads = torch.autograd.grad(unrolled.meta_loss(*image_batch()), list(model.parameters()), create_graph=True)
+    assert grads[0].requires_grad

@@ -21,8 +21,13 @@ class PrecomputedGradient(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: a derivative of the meta-gradient was asked for
+            raise RuntimeError(
+                "metakernels: this meta-loss's gradient was computed eagerly (iMAML's implicit solve, or "
+                "meta_gradient='hvp' for second-order MAML) and cannot be differentiated again; for derivatives "
+                "of the MAML meta-gradient construct the learner with meta_gradient='unroll'"
+            )
         direction = ctx.direction * grad_output
         grads = [direction[s.offset : s.offset + s.numel].view(s.shape) for s in ctx.layout.specs]
         return None, None, None, *grads
