@@ -20,14 +20,16 @@ The networks, their seeded weights and the episodes are bench_maml.py's (bench_m
 
 Implementations: loop, torchopt, vmap (jvp(grad) HVPs), vmap_rr (grad-of-grad HVPs): see _imaml_peers.py;
   metakernels: metakernels.iMAML(model, inner_lr, inner_steps, lam, cg_steps, loss_fn, tol=0.0)
-               .meta_loss(xs, ys, xq, yq).backward(): the public API only (imported when first used).
+               .meta_loss(xs, ys, xq, yq).backward(): the public API only (imported when first used);
+  metakernels_continue: the same with negative_curvature="continue" (plain CG, the peers' rule).
 
 Indefinite Hessians: on the sinusoid workload 20 of the 25 tasks have Hessian eigenvalues below -lam (measured in
 float64: smallest eigenvalues of H_t at phi_t between -1.1 and -13.6, largest 13 to 65), so I + H_t/lam is
 indefinite there and CG meets p^T A p <= 0 within its 5 iterations. CG is still defined (the peers carry on); a CG
-that stops such a task (metakernels' batched CG, notes/imaml_api.md) returns a different meta-gradient (0.73
-relative to the plain one on that workload). Both references are computed; see cross_check. The conv workload
-meets no non-positive curvature (smallest ratio ~1.05).
+that stops such a task (metakernels' batched CG by default, notes/imaml_api.md) returns a different meta-gradient
+(0.72 relative to the plain one on that workload). Both references are computed; see cross_check: metakernels (the
+default stop rule) is judged against loop_stop, metakernels_continue (negative_curvature="continue") against the
+plain loop like the peers. The conv workload meets no non-positive curvature (smallest ratio ~1.05).
 
 Before timing, a cross-check in float64 on the same workloads (the conv net with --check-tasks tasks): every
 implementation's meta-gradient and meta-loss against the loop's, relative deviation (max |g - g_loop| over all
@@ -90,10 +92,13 @@ import metakernels  # noqa: E402
 
 CHECK_RTOL = 1e-9
 REFERENCE = "loop"
-REFERENCE_OF = {"metakernels": "loop_stop"}  # the stop rule of its contract; see cross_check
+# metakernels' default stops a task on p^T A p <= 0 (its contract: judged against the loop with that rule);
+# metakernels_continue runs plain CG, the peers' rule, and is judged against the plain loop. See cross_check.
+REFERENCE_OF = {"metakernels": "loop_stop", "metakernels_continue": "loop"}
 CHECK_ONLY = {"loop_stop": peers.build_loop_stop}
 PEER_NAMES = ("loop", "torchopt", "vmap", "vmap_rr")
-IMPL_NAMES = (*PEER_NAMES, "metakernels")
+OURS = ("metakernels", "metakernels_continue")  # never a "peer" in the speed ratios
+IMPL_NAMES = (*PEER_NAMES, *OURS)
 # (workload net, implementation) -> the documented reason it cannot agree; any other disagreement is fatal.
 KNOWN_WRONG: dict[tuple[str, str], str] = {}
 # (workload net, implementation) -> a substring of the error torch 2.13 raises, documented in _imaml_peers.py.
@@ -183,11 +188,13 @@ def imaml_class() -> tuple[type | None, str | None]:
     return iMAML, None
 
 
-def build_metakernels(model: nn.Module, w: IWorkload, batch: Batch) -> MetaStep:
-    """metakernels.iMAML(...).meta_loss(...).backward(), tol=0.0 (see the module docstring)."""
+def build_metakernels(model: nn.Module, w: IWorkload, batch: Batch, negative_curvature: str = "stop") -> MetaStep:
+    """metakernels.iMAML(...).meta_loss(...).backward(), tol=0.0 (see the module docstring); negative_curvature
+    "stop" (the default, passed only when it is not, so an older iMAML without the option still runs)."""
     cls, why = imaml_class()
     if cls is None:
         raise ImportError(why)
+    options = {} if negative_curvature == "stop" else {"negative_curvature": negative_curvature}
     learner = cls(
         model,
         inner_lr=w.inner_lr,
@@ -196,6 +203,7 @@ def build_metakernels(model: nn.Module, w: IWorkload, batch: Batch) -> MetaStep:
         cg_steps=w.cg_steps,
         loss_fn=w.loss_fn,
         tol=0.0,
+        **options,
     )
 
     def step() -> torch.Tensor:
@@ -209,15 +217,21 @@ def build_metakernels(model: nn.Module, w: IWorkload, batch: Batch) -> MetaStep:
     return step
 
 
+def build_metakernels_continue(model: nn.Module, w: IWorkload, batch: Batch) -> MetaStep:
+    """metakernels.iMAML with negative_curvature="continue": plain CG through p^T A p < 0, as the peers run it."""
+    return build_metakernels(model, w, batch, negative_curvature="continue")
+
+
 BUILDERS: dict[str, Callable[[nn.Module, IWorkload, Batch], MetaStep]] = {
     **peers.BUILDERS,
     "metakernels": build_metakernels,
+    "metakernels_continue": build_metakernels_continue,
 }
 
 
 def unavailable(impl: str) -> str | None:
     """Why impl cannot run here, or None."""
-    if impl == "metakernels":
+    if impl in OURS:
         return imaml_class()[1]
     peer = peers.PEER_OF.get(impl)
     return None if peer is None else import_peer(peer)[1]
@@ -265,9 +279,9 @@ def cross_check(
 
     Two references run: "loop" (the definition: CG carries on through non-positive curvature) and "loop_stop"
     (CG stops a task on p^T A p <= 0 and keeps its iterate: the rule notes/imaml_api.md gives metakernels'
-    batched CG). They coincide where CG meets no non-positive curvature. Each implementation is judged against
-    its own reference (REFERENCE_OF: metakernels against loop_stop, the peers against loop); both deviations are
-    recorded.
+    batched CG by default). They coincide where CG meets no non-positive curvature. Each implementation is judged
+    against its own reference (REFERENCE_OF: metakernels against loop_stop; metakernels_continue, which runs
+    plain CG, and the peers against loop); both deviations are recorded.
 
     Args:
         workloads: configurations to check (built in ``dtype``).
@@ -475,7 +489,7 @@ def add_ratios(rows: list[dict], rounds: Sequence[dict[str, float]] = ()) -> Non
     With the interleaved rounds, also round_ratio_vs_fastest_peer: the median over rounds of (that peer's time /
     this time) in the same round (less sensitive to load changes between rounds)."""
     timed = [r for r in rows if r.get("median_ms") is not None]
-    peers_ok = [r for r in timed if r["impl"] != "metakernels" and r.get("agrees_float64") is not False]
+    peers_ok = [r for r in timed if r["impl"] not in OURS and r.get("agrees_float64") is not False]
     if not peers_ok:
         return
     fastest = min(peers_ok, key=lambda r: r["median_ms"])
@@ -766,8 +780,9 @@ def summarise(rows: Sequence[dict]) -> dict:
         "ratios": {},
     }
     for r in rows:
-        if r["section"] == "timing" and r["impl"] == "metakernels" and r.get("ratio_vs_fastest_peer"):
-            out["ratios"][f"{r['workload']} @ {r['threads']} thr"] = {
+        if r["section"] == "timing" and r["impl"] in OURS and r.get("ratio_vs_fastest_peer"):
+            variant = "" if r["impl"] == "metakernels" else f" ({r['impl']})"
+            out["ratios"][f"{r['workload']} @ {r['threads']} thr{variant}"] = {
                 "metakernels_ms": r["median_ms"],
                 "fastest_peer": r["fastest_peer"],
                 "ratio_vs_fastest_peer": r["ratio_vs_fastest_peer"],

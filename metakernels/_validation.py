@@ -166,9 +166,15 @@ def check_cg_step_args(
     status: torch.Tensor,
     iterations: torch.Tensor,
     threshold: torch.Tensor,
+    stop_on_negative_curvature: bool = True,
 ) -> None:
-    """Validates cg_step's arguments (same messages as csrc/cpu/cg_step.cpp)."""
+    """Validates cg_step's arguments (same messages as csrc/cpu/cg_step.cpp; the op's schema types the bool)."""
     op = "cg_step"
+    if not isinstance(stop_on_negative_curvature, bool):
+        raise TypeError(
+            "metakernels.cg_step: stop_on_negative_curvature must be a bool, got "
+            f"{type(stop_on_negative_curvature).__name__}"
+        )
     check_task_batch(op, "x", x)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"metakernels.cg_step: x must be a float32 or float64 tensor, got dtype {x.dtype}")

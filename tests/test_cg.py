@@ -11,6 +11,12 @@ their condition numbers (and hence the tolerances) are known:
 * Iterates vs classic CG: the same float64 recurrence, the dot products summed in a different order (relative
   difference <= P * eps each); over k <= P steps with cond <= 10 that is amplified by at most a few orders of
   magnitude: 1e-12 relative to max|x| is asserted (measured differences: ~1e-15).
+* negative_curvature="continue" (plain CG) on indefinite systems: the same comparison with the same loop, which
+  then also steps through p^T A p < 0. Plain CG on an indefinite A has no minimisation property to damp rounding,
+  and its rounding errors are amplified by ||p||^2 / |p^T A p| at each step; the systems here keep
+  |p^T A p| / ||p||^2 above 0.05 (asserted with the loop; measured min 0.13), and the same bounds hold with a
+  margin: iterates within 1.5e-13 of the loop's (bound 1e-12), P-step solutions within 3e-14 of
+  torch.linalg.solve (bound 1e-10), measured on all three backends.
 """
 
 from __future__ import annotations
@@ -55,8 +61,18 @@ def rhs(num_tasks: int, num_params: int, seed: int, dtype=torch.float64) -> torc
     return torch.randn(num_tasks, num_params, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def classic_cg(A: torch.Tensor, b: torch.Tensor, max_iter: int, tol: float, bad_at: int | None = None):
-    """Textbook CG on one system; returns (x, iterations, status). bad_at: the matvec call that returns NaN."""
+def classic_cg(
+    A: torch.Tensor,
+    b: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    bad_at: int | None = None,
+    negative_curvature: str = "stop",
+    curvatures: list | None = None,
+):
+    """Textbook CG on one system; returns (x, iterations, status). bad_at: the matvec call that returns NaN.
+    negative_curvature="continue": plain CG (steps through p^T A p < 0, stops only on p^T A p == 0).
+    curvatures: when given, receives p^T A p / p^T p of every step."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -71,7 +87,9 @@ def classic_cg(A: torch.Tensor, b: torch.Tensor, max_iter: int, tol: float, bad_
         pap = torch.dot(p, Ap)
         if not torch.isfinite(pap):
             return x, k, CG_NONFINITE
-        if pap <= 0:
+        if curvatures is not None:
+            curvatures.append((pap / torch.dot(p, p)).item())
+        if (pap <= 0) if negative_curvature == "stop" else (pap == 0):
             return x, k, CG_NEGATIVE_CURVATURE
         alpha = rs / pap
         x = x + alpha * p
@@ -182,15 +200,106 @@ def test_negative_curvature_stops_at_the_classic_iterate():
     assert "negative_curvature" in res.summary()
 
 
-def test_zero_curvature_at_the_start():
-    """p^T A p = 0 exactly on the first step (A = diag(1, -1), b = (1, 1)): x = 0, flagged, never NaN."""
+@pytest.mark.parametrize("mode", ["stop", "continue"])
+def test_zero_curvature_at_the_start(mode):
+    """p^T A p = 0 exactly on the first step (A = diag(1, -1), b = (1, 1)): x = 0, flagged, never NaN. Under
+    "continue" too: plain CG breaks down there (its step length would be infinite)."""
     mats = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))[None]
     b = torch.ones(1, 2, dtype=torch.float64)
-    res = metakernels.batched_cg(batch_matvec(mats), b, max_iter=3)
+    res = metakernels.batched_cg(batch_matvec(mats), b, max_iter=3, negative_curvature=mode)
     assert res.status.tolist() == [CG_NEGATIVE_CURVATURE]
     assert res.iterations.tolist() == [0]
     assert torch.equal(res.x, torch.zeros_like(b))
     assert res.relative_residual.tolist() == [1.0]
+
+
+# --- plain CG (negative_curvature="continue") ----------------------------------------------------------------
+
+
+def indefinite_batch(T: int, P: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T nonsingular indefinite systems (|eigenvalues| in [1, 10], a third of them negative) with right-hand
+    sides on which plain CG meets p^T A p < 0 but never comes near a breakdown (checked by the callers)."""
+    mats = torch.stack([spd_matrix(P, 10.0, seed=seed + t, negative=max(1, P // 3)) for t in range(T)])
+    return mats, rhs(T, P, seed=seed + 100)
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 5, 8])
+def test_continue_iterates_match_plain_cg(max_iter):
+    """Plain CG through negative curvature: the textbook loop's iterates, iteration counts and statuses."""
+    T, P = 3, 8
+    mats, b = indefinite_batch(T, P, seed=200)
+    calls: list = []
+    res = metakernels.batched_cg(
+        batch_matvec(mats, calls), b, max_iter=max_iter, tol=0.0, negative_curvature="continue"
+    )
+    assert len(calls) == max_iter
+    met_negative = False
+    for t in range(T):
+        curvatures: list = []
+        x, iters, status = classic_cg(
+            mats[t], b[t], max_iter, 0.0, negative_curvature="continue", curvatures=curvatures
+        )
+        assert min(abs(c) for c in curvatures) > 0.05, curvatures  # far from a breakdown (see the module docstring)
+        met_negative |= min(curvatures) < 0
+        assert_close_rel(res.x[t], x, 1e-12, f"task {t} after {max_iter} iterations")
+        assert res.iterations[t].item() == iters == max_iter
+        assert res.status[t].item() == status == CG_ACTIVE
+        assert res.residual_norm[t].item() == pytest.approx((b[t] - mats[t] @ res.x[t]).norm().item(), rel=1e-8)
+    if max_iter >= 2:
+        assert met_negative  # the comparison is not vacuous: some step had p^T A p < 0
+    stopped = metakernels.batched_cg(batch_matvec(mats), b, max_iter=max_iter, tol=0.0)
+    if met_negative:
+        assert (stopped.status == CG_NEGATIVE_CURVATURE).any()  # and there the stop rule parts from plain CG
+        assert not torch.allclose(stopped.x, res.x)
+
+
+def test_continue_solves_indefinite_systems_like_linalg_solve():
+    """Without a breakdown, plain CG's residuals stay orthogonal, so P iterations solve a nonsingular indefinite
+    system (cond 10: the forward-error bound of the module docstring, 1e-10). The stop rule does not get there."""
+    T, P = 4, 9
+    mats, b = indefinite_batch(T, P, seed=300)
+    for t in range(T):
+        curvatures: list = []
+        classic_cg(mats[t], b[t], P, 1e-12, negative_curvature="continue", curvatures=curvatures)
+        assert min(curvatures) < 0 and min(abs(c) for c in curvatures) > 0.05, curvatures
+    res = metakernels.batched_cg(batch_matvec(mats), b, max_iter=P, tol=1e-12, negative_curvature="continue")
+    expected = torch.linalg.solve(mats, b)
+    assert res.status.tolist() == [CG_CONVERGED] * T, res.summary()
+    for t in range(T):
+        assert_close_rel(res.x[t], expected[t], 1e-10, f"task {t}")
+    true_residual = (b - batch_matvec(mats)(res.x)).norm(dim=1)
+    assert (true_residual <= 1e-10 * b.norm(dim=1)).all()
+    stopped = metakernels.batched_cg(batch_matvec(mats), b, max_iter=P, tol=1e-12)
+    assert (stopped.status == CG_NEGATIVE_CURVATURE).all(), stopped.summary()
+    assert ((stopped.x - expected).abs().amax(1) > 1e-3 * expected.abs().amax(1)).all()
+
+
+@pytest.mark.parametrize("mode", ["stop", "continue"])
+def test_zero_direction_breakdown(mode):
+    """A direction A maps to zero (A = diag(0, 2, 3), b = e_0: p^T A p = 0 exactly on the first step): a
+    flagged stop at x = 0 under either rule, never NaN; the other tasks of the batch are unaffected."""
+    mats = torch.stack([torch.diag(torch.tensor([0.0, 2.0, 3.0], dtype=torch.float64)), spd_matrix(3, 10.0, seed=5)])
+    b = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    res = metakernels.batched_cg(batch_matvec(mats), b, max_iter=4, tol=1e-12, negative_curvature=mode)
+    assert res.status.tolist() == [CG_NEGATIVE_CURVATURE, CG_CONVERGED], res.summary()
+    assert res.iterations[0].item() == 0 and torch.equal(res.x[0], torch.zeros(3, dtype=torch.float64))
+    assert torch.isfinite(res.x).all() and torch.isfinite(res.residual_norm).all()
+    assert_close_rel(res.x[1], torch.linalg.solve(mats[1], b[1]), 1e-10, "task 1")
+
+
+def test_continue_breakdown_after_steps():
+    """Plain CG breaking down after a step: A = diag(1, 0) (a zero direction), b = (1, 1). Step 0: p^T A p = 1,
+    alpha = 2, x = (2, 2), r = (-1, 1), beta = 1, p = (0, 2): in A's null space, p^T A p = 0 exactly (every
+    number dyadic, so exact in floating point too). The task stops with its one-step iterate, flagged, finite;
+    the textbook loop agrees. The stop rule stops at the same place (0 <= 0)."""
+    mats = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))[None]
+    b = torch.ones(1, 2, dtype=torch.float64)
+    x, iters, status = classic_cg(mats[0], b[0], 5, 0.0, negative_curvature="continue")
+    assert (iters, status) == (1, CG_NEGATIVE_CURVATURE) and x.tolist() == [2.0, 2.0]
+    for mode in ("continue", "stop"):
+        res = metakernels.batched_cg(batch_matvec(mats), b, max_iter=5, tol=0.0, negative_curvature=mode)
+        assert res.status.tolist() == [CG_NEGATIVE_CURVATURE] and res.iterations.tolist() == [1]
+        assert res.x.tolist() == [[2.0, 2.0]] and torch.isfinite(res.residual_norm).all()
 
 
 def test_zero_right_hand_side():
@@ -327,6 +436,16 @@ BAD_CG = {
         lambda: (_identity, torch.ones(2, 3), {"max_iter": 2, "tol": math.nan}),
         ValueError,
         "tol must be a finite number >= 0",
+    ),
+    "negative_curvature_unknown": (
+        lambda: (_identity, torch.ones(2, 3), {"max_iter": 2, "negative_curvature": "plain"}),
+        ValueError,
+        r"negative_curvature must be one of \('stop', 'continue'\), got 'plain'",
+    ),
+    "negative_curvature_bool": (
+        lambda: (_identity, torch.ones(2, 3), {"max_iter": 2, "negative_curvature": False}),
+        ValueError,
+        "negative_curvature must be one of",
     ),
     "matvec_not_callable": (lambda: (3, torch.ones(2, 3), {"max_iter": 2}), TypeError, "matvec must be callable"),
     "matvec_wrong_shape": (

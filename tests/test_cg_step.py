@@ -9,7 +9,12 @@ the working dtype may land on neighbouring values (eps relative). So
 rr = r.r inherits |Δrr| <= sum_i (2|r_i| + Δr_i) Δr_i + P eps64 sum r_i^2, beta = T(rr / rs) is within
 Δrr / rs + eps |beta|, and p = r + beta p within Δr + Δbeta |p| + 4 eps (|r| + |beta p|). rs (float64) is rr:
 within Δrr. Statuses and iteration counts are compared exactly: the cases keep each decision far from its
-boundary (p.Ap of either sign well away from 0, thresholds 0 or far below the new r.r).
+boundary (p.Ap of either sign well away from 0, thresholds 0 or far below the new r.r), except the breakdown
+case, which sits exactly on it (Ap = 0: p.Ap == 0 exactly in every summation order).
+
+Both curvature rules run everywhere (stop_on_negative_curvature True and False, `stop` below): the bounds above
+hold for a negative p.Ap with |p.Ap| in place of p.Ap, so the plain-CG step a "negative" task takes under False
+is held to the same tolerances.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ OPS = torch.ops.metakernels
 DTYPES = [torch.float64, torch.float32]
 
 # Task kinds: a plain step; a step that converges (p = r, Ap = 1.5 r: r drops to rounding noise, far below the
-# threshold 1e-6 rs); negative curvature (Ap = -D p); stopped before (status converged: untouched); non-finite
-# Ap; rs already below its threshold (converges without a step).
-KINDS = ("step", "converges", "negative", "stopped", "nonfinite", "small_rs")
+# threshold 1e-6 rs); negative curvature (Ap = -D p: stops under the stop rule, steps with alpha < 0 under plain
+# CG); stopped before (status converged: untouched); non-finite Ap; rs already below its threshold (converges
+# without a step); breakdown (Ap = 0, p in A's null space: p.Ap == 0 exactly, stops under either rule).
+KINDS = ("step", "converges", "negative", "stopped", "nonfinite", "small_rs", "breakdown")
+RULES = [True, False]  # stop_on_negative_curvature
 
 
 def make_state(num_tasks: int, num_params: int, dtype: torch.dtype, seed: int, kinds: list[str] | None = None):
@@ -62,6 +69,8 @@ def make_state(num_tasks: int, num_params: int, dtype: torch.dtype, seed: int, k
             status[t] = CG_CONVERGED
         elif kind == "nonfinite":
             ap[t, 0] = math.nan
+        elif kind == "breakdown":
+            ap[t] = 0.0
     x, r, p, ap = (v.to(dtype) for v in (x, r, p, ap))
     rs = (r.to(torch.float64) ** 2).sum(1)
     for t, kind in enumerate(kinds):
@@ -100,10 +109,11 @@ def tolerances(before, expected):
     return d_x, d_r, d_p, d_rr
 
 
-def check(after, before, what="cg_step"):
-    """after: the state after the op; before: the state it started from (the reference runs on a copy)."""
+def check(after, before, what="cg_step", stop=True):
+    """after: the state after the op; before: the state it started from (the reference runs on a copy, with
+    stop_on_negative_curvature=stop)."""
     expected = clone(before)
-    reference_cg_step(*expected)
+    reference_cg_step(*expected, stop)
     d_x, d_r, d_p, d_rr = tolerances(before, expected)
     status, iterations = after[5], after[6]
     assert status.tolist() == expected[5].tolist(), f"{what}: status {status.tolist()} vs {expected[5].tolist()}"
@@ -132,16 +142,37 @@ def check(after, before, what="cg_step"):
     assert torch.equal(after[3].nan_to_num(0.5), before[3].nan_to_num(0.5)), f"{what}: Ap was modified"
 
 
+@pytest.mark.parametrize("stop", RULES, ids=["stop", "continue"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_params", [1, 37, 1031, 2053])
-def test_matches_reference(backend, dtype, num_params):
+def test_matches_reference(backend, dtype, num_params, stop):
     before = make_state(len(KINDS), num_params, dtype, seed=num_params)
     after = clone(before)
-    cg_step(*after)
-    check(after, before)
-    expected = [CG_ACTIVE, CG_CONVERGED, CG_NEGATIVE_CURVATURE, CG_CONVERGED, CG_NONFINITE, CG_CONVERGED]
-    assert after[5].tolist() == expected  # the cases are what they claim to be
-    assert after[6].tolist() == [4, 4, 3, 3, 3, 3]
+    cg_step(*after, stop_on_negative_curvature=stop)
+    check(after, before, stop=stop)
+    # The cases are what they claim to be: "negative" stops under the stop rule and steps under plain CG;
+    # "breakdown" stops under both.
+    negative, negative_steps = (CG_NEGATIVE_CURVATURE, 3) if stop else (CG_ACTIVE, 4)
+    expected = [CG_ACTIVE, CG_CONVERGED, negative, CG_CONVERGED, CG_NONFINITE, CG_CONVERGED, CG_NEGATIVE_CURVATURE]
+    assert after[5].tolist() == expected
+    assert after[6].tolist() == [4, 4, negative_steps, 3, 3, 3, 3]
+    if not stop:  # the plain-CG step went backwards along p: alpha = rs / p.Ap < 0
+        alpha = (after[0][2].double() - before[0][2].double()) / before[2][2].double()
+        assert (alpha < 0).all()
+    for t in (0, 1, 2, 6):  # never NaN, whatever the rule
+        assert torch.isfinite(after[0][t]).all() and torch.isfinite(after[2][t]).all()
+
+
+def test_default_rule_is_stop(backend):
+    """Omitting the argument (the op's schema default, and the Python wrapper's) is the stop rule."""
+    before = make_state(len(KINDS), 9, torch.float64, seed=11)
+    by_schema, by_wrapper, explicit = clone(before), clone(before), clone(before)
+    OPS.cg_step(*by_schema)
+    cg_step(*by_wrapper)
+    cg_step(*explicit, stop_on_negative_curvature=True)
+    for a, b, c in zip(by_schema, by_wrapper, explicit, strict=True):
+        assert torch.equal(a.nan_to_num(0.5), c.nan_to_num(0.5)) and torch.equal(b.nan_to_num(0.5), c.nan_to_num(0.5))
+    assert explicit[5][2].item() == CG_NEGATIVE_CURVATURE
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -191,14 +222,15 @@ def test_all_stopped_is_a_no_op(backend):
     assert after[5].tolist() == [CG_CONVERGED, CG_NEGATIVE_CURVATURE, CG_CONVERGED]
 
 
+@pytest.mark.parametrize("stop", RULES, ids=["stop", "continue"])
 @pytest.mark.parametrize("layout", ["transposed", "row_stride", "column_step"])
-def test_strided_ap(backend, layout):
+def test_strided_ap(backend, layout, stop):
     before = make_state(4, 29, torch.float64, seed=2, kinds=["step", "negative", "step", "converges"])
     after = clone(before)
     after[3] = with_layout(after[3], layout)
-    cg_step(*after)
+    cg_step(*after, stop_on_negative_curvature=stop)
     after[3] = before[3]
-    check(after, before)
+    check(after, before, stop=stop)
 
 
 def test_nonfinite_rs(backend):
@@ -215,16 +247,20 @@ def test_nonfinite_rs(backend):
 @pytest.mark.parametrize("num_tasks", [8, 3])
 def test_threads(backend, restore_threads, dtype, num_tasks):
     """T x 20011 elements: above the C++ kernel's parallel grain. 8 tasks on 2 threads run whole, one thread
-    each; of 3 tasks, 2 run whole and the third is split by columns between the threads."""
+    each; of 3 tasks, 2 run whole and the third is split by columns between the threads. Both curvature rules
+    (task 2 is a "negative" one: it stops or steps); on the Triton interpreter only plain CG, the rule the other
+    tests cover less (one ~20 s run per dtype is enough there)."""
     if backend == "triton" and num_tasks == 8:
         pytest.skip("the interpreter ignores torch's thread count; the 3-task case runs this size on it (~20 s each)")
     before = make_state(num_tasks, 20011, dtype, seed=4)
+    rules = [False] if backend == "triton" else RULES
     results = {}
     for threads in (2, 1) if backend != "triton" else (2,):
         torch.set_num_threads(threads)
-        after = clone(before)
-        cg_step(*after)
-        check(after, before, f"cg_step ({threads} threads)")
+        for stop in rules:
+            after = clone(before)
+            cg_step(*after, stop_on_negative_curvature=stop)
+            check(after, before, f"cg_step ({threads} threads, stop={stop})", stop=stop)
         results[threads] = after
     if backend == "cpp" and num_tasks == 8:
         # A whole task is summed by one thread over its full row, as on one thread: bitwise the same.
@@ -235,31 +271,39 @@ def test_threads(backend, restore_threads, dtype, num_tasks):
 # --- opcheck, torch.compile ----------------------------------------------------------------------------------
 
 
-def test_opcheck(backend):
+@pytest.mark.parametrize("stop", [None, True, False], ids=["default", "stop", "continue"])
+def test_opcheck(backend, stop):
     state = make_state(len(KINDS), 13, torch.float64, seed=5)
-    torch.library.opcheck(OPS.cg_step.default, tuple(state))
+    args = tuple(state) if stop is None else (*state, stop)
+    torch.library.opcheck(OPS.cg_step.default, args)
 
 
-def _two_steps(x, r, p, d, rs, status, iterations, threshold):
+def _two_steps(x, r, p, d, rs, status, iterations, threshold, stop):
     for _ in range(2):
-        OPS.cg_step(x, r, p, d * p, rs, status, iterations, threshold)
+        OPS.cg_step(x, r, p, d * p, rs, status, iterations, threshold, stop)
     return x.sum() + r.sum()
 
 
 _COMPILED_TWO_STEPS = torch.compile(_two_steps, fullgraph=True, backend="aot_eager")
 
 
-def test_torch_compile_matches_eager(backend):
+@pytest.mark.parametrize("stop", RULES, ids=["stop", "continue"])
+def test_torch_compile_matches_eager(backend, stop):
+    """Ap = d p with d > 0 for tasks 0 and 2 and d < 0 for task 1: p.Ap < 0 there on the first step, so the two
+    rules part on task 1 (the stop rule stops it, plain CG takes both steps), compiled as eagerly."""
     state = make_state(3, 19, torch.float64, seed=6, kinds=["step"] * 3)
     d = torch.rand(3, 19, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 0.5
+    d[1, :] = -d[1, :]  # task 1: negative definite, p.Ap < 0 on the first step
     state[3] = d
     eager, compiled = clone(state), clone(state)
-    out_eager = _two_steps(*eager)
-    out_compiled = _COMPILED_TWO_STEPS(*compiled)
+    out_eager = _two_steps(*eager, stop)
+    out_compiled = _COMPILED_TWO_STEPS(*compiled, stop)
     torch.testing.assert_close(out_compiled, out_eager, rtol=1e-12, atol=1e-12)
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert eager[6].tolist() == [5, 5, 5]  # two steps taken, mutations visible to the caller
+    # two steps taken, mutations visible to the caller; task 1 (p.Ap < 0) stops at once under the stop rule
+    assert eager[6].tolist() == ([5, 3, 5] if stop else [5, 5, 5])
+    assert eager[5].tolist() == ([CG_ACTIVE, CG_NEGATIVE_CURVATURE, CG_ACTIVE] if stop else [CG_ACTIVE] * 3)
 
 
 # --- hypothesis -------------------------------------------------------------------------------------------
@@ -272,17 +316,17 @@ def cg_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     kinds = draw(st.lists(st.sampled_from(KINDS), min_size=num_tasks, max_size=num_tasks))
     state = make_state(num_tasks, num_params, dtype, seed=draw(st.integers(0, 2**31 - 1)), kinds=kinds)
-    return state, draw(st.sampled_from(["contiguous", "transposed", "column_step"]))
+    return state, draw(st.sampled_from(["contiguous", "transposed", "column_step"])), draw(st.sampled_from(RULES))
 
 
 @given(cg_cases())
 def test_hypothesis_matches_reference(backend, drawn):
-    before, ap_layout = drawn
+    before, ap_layout, stop = drawn
     after = clone(before)
     after[3] = with_layout(after[3], ap_layout)
-    cg_step(*after)
+    cg_step(*after, stop_on_negative_curvature=stop)
     after[3] = before[3]
-    check(after, before)
+    check(after, before, stop=stop)
 
 
 # --- bad input --------------------------------------------------------------------------------------------
@@ -338,3 +382,14 @@ def test_bad_input_raises_naming_the_argument(backend, name):
     state = build()
     with pytest.raises(error, match=match):
         cg_step(*state)
+
+
+@pytest.mark.parametrize("value", [1, 0, "continue", None])
+def test_rule_must_be_a_bool(backend, value):
+    """The wrapper refuses what the schema would coerce (0/1) or reject with a generic message."""
+    state = make_state(3, 5, torch.float64, seed=8)
+    before = clone(state)
+    with pytest.raises(TypeError, match="stop_on_negative_curvature must be a bool"):
+        cg_step(*state, stop_on_negative_curvature=value)
+    for a, b in zip(state, before, strict=True):
+        assert torch.equal(a, b)

@@ -413,6 +413,77 @@ def test_negative_curvature_warns_naming_the_tasks():
     assert torch.isfinite(model.weight.grad).all()
 
 
+# --- plain CG through negative curvature (negative_curvature="continue") ---------------------------------------------
+def test_continue_matches_plain_cg_loop_on_the_sinusoid_at_lam_2():
+    """benchmarks/bench_imaml.py's sinusoid setting (MLP 1-40-40-1, K = 10, T = 25, 5 inner steps at lr 0.01, lam = 2,
+    5 CG iterations): most tasks' H_t + 2 I is indefinite and CG meets p^T A p <= 0 within 5 iterations. With
+    negative_curvature="continue" the meta-gradient is the from-scratch loop's (c), whose CG is imaml_dev's plain CG,
+    with no negative-curvature warning; the default stop rule stops those tasks (warned) and its meta-gradient differs
+    by far more than rounding."""
+    model = mlp((1, 40, 40, 1), nn.ReLU)
+    batch = sinusoid_batch(25, shots=10)
+    hyper = dict(inner_lr=0.01, inner_steps=5, lam=2.0, cg_steps=5, loss_fn=F.mse_loss, tol=0.0)
+    plain = mk.iMAML(model, negative_curvature="continue", **hyper)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, ours = run(plain, batch)
+    assert not [w for w in caught if "negative curvature" in str(w.message)]
+    assert (plain.last_solve.status == CG_ACTIVE).all() and (plain.last_solve.iterations == 5).all()
+    params = list(model.parameters())
+    expected = reference_imaml(mlp_functional, params, batch, F.mse_loss, 0.01, 5, [2.0] * len(params), 5)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+    stopping = mk.iMAML(model, **hyper)
+    with pytest.warns(RuntimeWarning, match=r"negative curvature .* p <= 0\) for tasks"):
+        _, stopped = run(stopping, batch)
+    stopped_tasks = int((stopping.last_solve.status == CG_NEGATIVE_CURVATURE).sum())
+    assert stopped_tasks >= 10, stopping.last_solve.summary()  # 20 of 25 measured
+    relative = ((stopped - ours).abs().max() / ours.abs().max()).item()
+    assert relative > 0.1, relative  # 0.72 measured: the two rules are different meta-gradients here
+
+
+def zero_operator(task: int):
+    """hvp_operator whose products are -shift * v for one task, so that A = H + shift I maps everything to 0 there
+    (exactly: shift = 2 is a power of two, so -2 v + 2 v is 0 in floating point): plain CG breaks down."""
+    real = imaml_module.hvp_operator
+
+    def make(*args, **kwargs):
+        op = real(*args, **kwargs)
+
+        def matvec(v):
+            out = op(v)
+            out[task] = -2.0 * v[task]
+            return out
+
+        return matvec
+
+    return make
+
+
+def test_continue_warns_only_on_a_breakdown(monkeypatch):
+    """The concave tasks 1 and 3 of signed_batch meet p^T A p < 0: under "continue" CG carries on through them and
+    nothing is warned; a task whose A is 0 (p^T A p == 0: plain CG's breakdown) is still stopped and named."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).to(DT)
+    hyper = dict(inner_lr=0.01, inner_steps=2, cg_steps=6, loss_fn=signed_curvature_loss, negative_curvature="continue")
+    learner = mk.iMAML(model, lam=0.01, **hyper)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.meta_loss(*signed_batch()).backward()
+    assert not (learner.last_solve.status == CG_NEGATIVE_CURVATURE).any()
+    assert torch.isfinite(model.weight.grad).all()
+
+    monkeypatch.setattr(imaml_module, "hvp_operator", zero_operator(2))
+    learner = mk.iMAML(model, lam=2.0, **hyper)
+    with pytest.warns(RuntimeWarning, match=r"p == 0, a breakdown of plain CG\) for tasks \[2\]"):
+        loss = learner.meta_loss(*signed_batch())
+    loss.backward()
+    status = learner.last_solve.status
+    assert status[2] == CG_NEGATIVE_CURVATURE and learner.last_solve.iterations[2] == 0
+    assert (status[[0, 1, 3]] != CG_NEGATIVE_CURVATURE).all()
+    assert torch.isfinite(model.weight.grad).all()
+
+
 def test_residual_warning_reports_unconverged_tasks():
     model, _, batch, loss_fn = LOOP_CASES["mlp"]()
     learner = mk.iMAML(
@@ -508,6 +579,9 @@ def test_bad_arguments():
         make(lam_damping=float("nan"))
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         make(nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"negative_curvature must be one of \('stop', 'continue'\), got 'plain'"):
+        make(negative_curvature="plain")
+    assert "negative_curvature='continue'" in repr(make(negative_curvature="continue"))
 
     learner = make()
     xs, ys, xq, yq = sinusoid_batch(3)

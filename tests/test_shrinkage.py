@@ -257,6 +257,34 @@ def test_theta_gradient_is_imaml_with_per_tensor_lam():
     )
 
 
+@pytest.mark.filterwarnings("ignore:.*negative curvature:RuntimeWarning")
+def test_negative_curvature_mode_is_imaml_s():
+    """Wide priors (lam ~0.1: H + Lam indefinite on this tanh MLP) make the stop rule stop tasks; with
+    negative_curvature="continue" the learner runs iMAML's plain CG: the same theta-gradient as iMAML's."""
+    model = tanh_mlp()
+    xs, ys, xq, yq = sinusoid_batch(num_tasks=3, shots=5)
+    variances = [10.0, 8.0, 12.0, 9.0]
+    hyper = dict(inner_lr=0.02, inner_steps=4, cg_steps=8, tol=0.0)
+    stopping = make_learner(model, "parameter", variances, **hyper)
+    _, g_stop, _ = learner_grads(stopping, xs, ys, xq, yq)
+    assert (stopping.last_solve.status == mk.functional.cg.CG_NEGATIVE_CURVATURE).any()  # not vacuous
+    plain = make_learner(model, "parameter", variances, negative_curvature="continue", **hyper)
+    assert "negative_curvature='continue'" in repr(plain)
+    loss, g_theta, g_s = learner_grads(plain, xs, ys, xq, yq)
+    assert not (plain.last_solve.status == mk.functional.cg.CG_NEGATIVE_CURVATURE).any()
+    assert torch.isfinite(g_s).all()
+    model.zero_grad()
+    # plain's own precisions (exp(-log sigma^2) may differ from 1 / sigma^2 in the last bit, and plain CG on an
+    # indefinite system amplifies such differences far beyond what the definite case sees)
+    lam = list(plain.lam)
+    imaml = mk.iMAML(model, lam=lam, loss_fn=F.mse_loss, negative_curvature="continue", **hyper)
+    imaml.meta_loss(xs, ys, xq, yq).backward()
+    torch.testing.assert_close(
+        g_theta, torch.cat([p.grad.reshape(-1) for p in model.parameters()]), rtol=1e-12, atol=1e-14
+    )
+    assert not torch.allclose(g_theta, g_stop, rtol=1e-6, atol=0)
+
+
 def test_outer_optimizer_learns_variances_and_state_dict():
     model = tanh_mlp()
     xs, ys, xq, yq = sinusoid_batch(num_tasks=2, shots=5)

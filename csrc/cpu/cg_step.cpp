@@ -40,7 +40,7 @@ void check_state(const at::Tensor& x, const char* name, const at::Tensor& t, at:
 
 void cg_step_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p, const at::Tensor& ap_in,
                  const at::Tensor& rs, const at::Tensor& status, const at::Tensor& iterations,
-                 const at::Tensor& threshold_in) {
+                 const at::Tensor& threshold_in, bool stop_on_negative_curvature) {
   check_task_batch(kOp, "x", x);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "metakernels.cg_step: x must be a float32 or float64 tensor, got dtype ", x.scalar_type());
@@ -68,11 +68,12 @@ void cg_step_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p, 
   }
   const at::Tensor ap = ap_in.contiguous();
   const at::Tensor threshold = threshold_in.contiguous();
+  const auto rule = stop_on_negative_curvature ? kernels::CgCurvatureRule::kStop : kernels::CgCurvatureRule::kContinue;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_cpu", [&] {
     kernels::cg_step<scalar_t>(x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
                                ap.data_ptr<scalar_t>(), rs.data_ptr<double>(), status.data_ptr<int32_t>(),
-                               iterations.data_ptr<int64_t>(), threshold.data_ptr<double>(), x.size(0), x.size(1),
-                               torch_threads());
+                               iterations.data_ptr<int64_t>(), threshold.data_ptr<double>(), rule, x.size(0),
+                               x.size(1), torch_threads());
   });
 }
 

@@ -4,7 +4,10 @@
 //
 // Per task t whose status is kCgActive (the oracle is metakernels/reference/cg_step.py):
 //   rs not finite -> kCgNonfinite; rs <= threshold -> kCgConverged          (no step; threshold is on r.r)
-//   pAp = p.Ap: not finite -> kCgNonfinite; <= 0 -> kCgNegativeCurvature     (no step)
+//   pAp = p.Ap: not finite -> kCgNonfinite;                                  (no step)
+//     CgCurvatureRule::kStop:     pAp <= 0 -> kCgNegativeCurvature           (no step)
+//     CgCurvatureRule::kContinue: pAp == 0 -> kCgNegativeCurvature           (no step: breakdown, alpha = inf);
+//                                 pAp < 0 steps with alpha < 0 (plain CG, as imaml_dev's and TorchOpt's)
 //   alpha = T(rs / pAp): not finite -> kCgNonfinite                          (no step)
 //   r -= alpha Ap;  rr = r.r: not finite -> kCgNonfinite                    (x, rs, iterations unchanged)
 //   else accepted: x += alpha p; iterations += 1; rs = rr; rr <= threshold -> kCgConverged;
@@ -43,6 +46,14 @@
 namespace metakernels::kernels {
 
 enum CgStatus : int32_t { kCgActive = 0, kCgConverged = 1, kCgNegativeCurvature = 2, kCgNonfinite = 3 };
+
+// What a task does when p.Ap is not positive (the op's stop_on_negative_curvature). kStop: stop it there (CG's
+// iterates minimise 1/2 x^T A x - b^T x only while A is positive definite along every direction taken). kContinue:
+// plain CG, which carries on with a negative alpha (the recurrences stay those of the Lanczos process on an
+// indefinite A, and after n steps of exact arithmetic reach A^-1 b unless a pivot p.Ap vanishes); only p.Ap == 0,
+// where alpha would be infinite, stops the task. A scoped enum rather than a bool: no integer argument of
+// cg_step converts to it by mistake.
+enum class CgCurvatureRule : bool { kStop, kContinue };
 
 // Split tasks (see cg_step) are grouped into blocks of at most this many bytes of x, r, p and Ap (at least one
 // task per block). A block's phases 2 and 3 reread what phases 1 and 2 read, so the block must stay in cache
@@ -120,9 +131,10 @@ struct CgAlpha {
 };
 
 template <typename T>
-inline CgAlpha<T> cg_alpha(double pap, double rs) {
+inline CgAlpha<T> cg_alpha(double pap, double rs, CgCurvatureRule rule) {
   if (!std::isfinite(pap)) return {false, T(0), kCgNonfinite};
-  if (!(pap > 0.0)) return {false, T(0), kCgNegativeCurvature};
+  const bool stops = rule == CgCurvatureRule::kStop ? !(pap > 0.0) : pap == 0.0;
+  if (stops) return {false, T(0), kCgNegativeCurvature};
   const T alpha = T(rs / pap);
   if (!std::isfinite(alpha)) return {false, T(0), kCgNonfinite};
   return {true, alpha, kCgActive};
@@ -146,7 +158,8 @@ inline CgBeta<T> cg_beta(double rr, double rs, double threshold) {
 }
 
 // x, r, p, ap: [tasks, cols] row-major contiguous, pairwise disjoint. rs, threshold: [tasks] (double);
-// status, iterations: [tasks]. block_bytes: see kCgBlockBytes; whole_tasks = false splits every task (tests).
+// status, iterations: [tasks]. rule: see CgCurvatureRule. block_bytes: see kCgBlockBytes; whole_tasks = false
+// splits every task (tests).
 //
 // Two ways to share the work among the threads:
 //  * whole tasks: each thread runs all three phases of its own tasks, one task at a time, with no barrier at
@@ -162,7 +175,7 @@ inline CgBeta<T> cg_beta(double rr, double rs, double threshold) {
 // 8 tasks of 1.25M floats (20 MB each) ran at 74% of the triad split and 73% whole.
 template <typename T>
 void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t* iterations,
-             const double* threshold, int64_t tasks, int64_t cols, int num_threads,
+             const double* threshold, CgCurvatureRule rule, int64_t tasks, int64_t cols, int num_threads,
              int64_t block_bytes = kCgBlockBytes, bool whole_tasks = true) {
   // Tasks already converged (or with a non-finite residual) stop before the step; the rest take it.
   std::vector<int64_t> active;
@@ -203,7 +216,7 @@ void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t
       const int64_t t = active[a];
       const int64_t at = t * cols;
       my_pap[t] = cg_dot(p + at, ap + at, cols);
-      const CgAlpha<T> d = cg_alpha<T>(my_pap[t], rs[t]);
+      const CgAlpha<T> d = cg_alpha<T>(my_pap[t], rs[t], rule);
       if (!d.step) continue;
       my_rr[t] = cg_residual_update(r + at, ap + at, d.alpha, cols);
       const CgBeta<T> e = cg_beta<T>(my_rr[t], rs[t], threshold[t]);
@@ -224,14 +237,14 @@ void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t
       // phase 2: r -= alpha Ap and r.r
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t t = active[a];
-        const CgAlpha<T> d = cg_alpha<T>(reduced(pap_part, t), rs[t]);
+        const CgAlpha<T> d = cg_alpha<T>(reduced(pap_part, t), rs[t], rule);
         if (d.step) my_rr[t] = cg_residual_update(r + t * cols + c0, ap + t * cols + c0, d.alpha, n);
       }
 #pragma omp barrier
       // phase 3: x += alpha p; p = r + beta p
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t t = active[a];
-        const CgAlpha<T> d = cg_alpha<T>(reduced(pap_part, t), rs[t]);
+        const CgAlpha<T> d = cg_alpha<T>(reduced(pap_part, t), rs[t], rule);
         if (!d.step) continue;
         const CgBeta<T> e = cg_beta<T>(reduced(rr_part, t), rs[t], threshold[t]);
         if (!e.accept) continue;
@@ -244,7 +257,7 @@ void cg_step(T* x, T* r, T* p, const T* ap, double* rs, int32_t* status, int64_t
 
   // The per-task state, written once the team is done (the team reads rs throughout).
   for (int64_t t : active) {
-    const CgAlpha<T> d = cg_alpha<T>(reduced(pap_part, t), rs[t]);
+    const CgAlpha<T> d = cg_alpha<T>(reduced(pap_part, t), rs[t], rule);
     if (!d.step) {
       status[t] = d.status;
       continue;

@@ -7,11 +7,19 @@ iteration count decides how long it runs; converged or stopped tasks simply stop
 
 Stopping rules per task (status codes):
     CG_CONVERGED           ||r|| <= tol * ||b||  (also b = 0: x = 0)
-    CG_NEGATIVE_CURVATURE  p^T A p <= 0: A_t is not positive definite along p (ReLU/tanh Hessians are
-                           indefinite); the task keeps the iterate it had (every step taken so far, each along a
-                           direction of positive curvature, decreased 1/2 x^T A x - b^T x)
+    CG_NEGATIVE_CURVATURE  negative_curvature="stop" (default): p^T A p <= 0, A_t is not positive definite along p
+                           (ReLU/tanh Hessians are indefinite); the task keeps the iterate it had (every step taken
+                           so far, each along a direction of positive curvature, decreased 1/2 x^T A x - b^T x).
+                           negative_curvature="continue": only p^T A p == 0 exactly (breakdown: the step length
+                           rs / p^T A p would be infinite); the task keeps the iterate it had
     CG_NONFINITE           b, a dot product or the matvec output is inf/NaN; the task keeps its last finite iterate
     CG_ACTIVE              (at the end) max_iter iterations were not enough
+
+negative_curvature="continue" is plain CG, as imaml_dev's utils.cg_solve and TorchOpt's linear_solve.solve_cg run
+it: a step with p^T A p < 0 is taken with a negative step length. On an indefinite A_t the iterates then no longer
+minimise 1/2 x^T A x - b^T x, but the residuals stay mutually orthogonal, so (barring a breakdown) CG still
+reaches A_t^-1 b in at most P iterations of exact arithmetic; after fewer it is whatever the recurrence gives,
+which is what code ported from those libraries computes.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from ..ops.cg_step import cg_step as _cg_step
 from ..reference.cg_step import CG_ACTIVE, CG_CONVERGED, CG_NEGATIVE_CURVATURE, CG_NONFINITE
 
 __all__ = ["CG_ACTIVE", "CG_CONVERGED", "CG_NEGATIVE_CURVATURE", "CG_NONFINITE", "CGResult", "batched_cg"]
+
+NEGATIVE_CURVATURE_MODES = ("stop", "continue")
 
 STATUS_NAMES = {
     CG_ACTIVE: "max_iter",
@@ -86,6 +96,7 @@ def batched_cg(
     *,
     max_iter: int,
     tol: float = 1e-10,
+    negative_curvature: str = "stop",
 ) -> CGResult:
     """Solves A_t x_t = b_t for all T tasks by conjugate gradient, in lockstep, from x_0 = 0.
 
@@ -96,13 +107,16 @@ def batched_cg(
         b: [T, P] right-hand sides, float32 or float64.
         max_iter: the number of iterations (>= 0); with tol = 1e-10 it decides unless a task converges.
         tol: relative residual tolerance: a task stops when ||r_t|| <= tol * ||b_t||. 0 runs every iteration.
+        negative_curvature: "stop" (default) stops a task on p^T A p <= 0 and keeps its iterate; "continue" runs
+            plain CG through p^T A p < 0 (imaml_dev's and TorchOpt's CG) and stops a task only on p^T A p == 0.
 
     Returns:
         A CGResult; x is [T, P] contiguous in b's dtype.
 
     Raises:
         ValueError / TypeError: b not a non-empty floating [T, P] tensor, max_iter < 0, tol < 0 or not finite,
-            matvec returning a wrong shape, dtype or device (naming the argument).
+            negative_curvature not "stop" or "continue", matvec returning a wrong shape, dtype or device (naming
+            the argument).
     """
     if not callable(matvec):
         raise TypeError(f"metakernels.batched_cg: matvec must be callable, got {type(matvec).__name__}")
@@ -120,6 +134,12 @@ def batched_cg(
         raise ValueError(f"metakernels.batched_cg: max_iter must be an integer >= 0, got {max_iter!r}")
     if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"metakernels.batched_cg: tol must be a finite number >= 0, got {tol!r}")
+    if not isinstance(negative_curvature, str) or negative_curvature not in NEGATIVE_CURVATURE_MODES:
+        raise ValueError(
+            f"metakernels.batched_cg: negative_curvature must be one of {NEGATIVE_CURVATURE_MODES}, "
+            f"got {negative_curvature!r}"
+        )
+    stop_on_negative_curvature = negative_curvature == "stop"
 
     with torch.no_grad():
         b = b.detach()
@@ -141,7 +161,8 @@ def batched_cg(
             Ap = _check_matvec_output(matvec(p), b)
             if Ap.untyped_storage().data_ptr() in own:  # e.g. the identity returning p itself: cg_step needs a copy
                 Ap = Ap.clone()
-            _cg_step(x, r, p, Ap.detach(), rs, status, iterations, threshold)  # fused, in place, no host sync
+            # fused, in place, no host sync
+            _cg_step(x, r, p, Ap.detach(), rs, status, iterations, threshold, stop_on_negative_curvature)
         residual_norm = rs.sqrt()
         b_norm = b_norm2.sqrt()
         relative = torch.where(b_norm > 0, residual_norm / torch.where(b_norm > 0, b_norm, 1.0), 0.0)

@@ -21,6 +21,12 @@ lockstep; H_t v by metakernels.hvp_operator). For a scalar lam this is ((1 + c) 
   - imaml_dev (aravindr93/imaml_dev, learner_model.py `matrix_evaluator`, regu_coef=1.0, lam_damping=10.0 in
     examples/omniglot_implicit_maml.py): cg_damping = 1.0, lam_damping = 10.0, i.e. (2 I + H_t / (lam + 10)) x = g.
     Its inner loop still uses lam (the damping only changes the linear system), as here.
+Negative curvature: the Hessians of ReLU/tanh networks are indefinite, and where H_t has eigenvalues below
+-(1 + c) D the system is indefinite too. negative_curvature="stop" (default) stops such a task's CG on the first
+direction with p^T A p <= 0 and keeps its iterate (each step taken decreased 1/2 y^T A y - g^T y); "continue" runs
+plain CG through it with negative step lengths, as imaml_dev's utils.cg_solve and TorchOpt's solve_cg do, so code
+ported from them gets their meta-gradient (the two can differ a lot: 0.72 relative on the sinusoid MLP of
+benchmarks/bench_imaml.py at lam = 2, where 20 of 25 tasks meet p^T A p <= 0 within 5 iterations).
 For a per-tensor Lam the symmetric form is the exact implicit gradient D (H + (1 + c) D)^-1 g (with c = 0,
 lam_damping = 0: Lam (H + Lam)^-1 g); note that the left-preconditioned form ((1 + c) I + D^-1 H) x = g would give
 (H + (1 + c) D)^-1 D g instead, which is not the transpose of d phi / d theta when D is not a multiple of I.
@@ -38,7 +44,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..functional.cg import CG_NEGATIVE_CURVATURE, CG_NONFINITE, CGResult, batched_cg
+from ..functional.cg import CG_NEGATIVE_CURVATURE, CG_NONFINITE, NEGATIVE_CURVATURE_MODES, CGResult, batched_cg
 from ..functional.hvp import hvp_operator
 from ..functional.task_params import TaskParams
 from ..ops.inner_step import inner_step
@@ -77,6 +83,12 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         loss_fn: per-task loss, e.g. F.mse_loss or F.cross_entropy (train and test).
         tol: CG stops a task once ||r|| <= tol ||g_t|| (0: always cg_steps iterations).
         cg_damping, lam_damping: the damped system of the module docstring (0, 0: the paper; 1, 10: imaml_dev).
+        negative_curvature: what CG does on a direction p with p^T A p <= 0 (A = H_t + (1 + c) D indefinite).
+            "stop" (default): the task stops there and keeps its iterate (a CG that only ever steps along
+            directions of positive curvature). "continue": plain CG, which steps on with a negative step length
+            and stops only on p^T A p == 0 exactly; this reproduces imaml_dev (aravindr93/imaml_dev utils.cg_solve)
+            and TorchOpt (torchopt.linear_solve.solve_cg), whose CG has no curvature test. Both agree wherever A
+            is positive definite along every direction CG meets.
         first_order: the first-order approximation (1/T) sum_t grad L_test,t(phi_t) (no solve).
         nonfinite: "raise" (default) raises on a NaN/inf inner loss or gradient, query loss or gradient, or a CG
             solve that met non-finite Hessian-vector products; "skip" drops such tasks (with a warning).
@@ -85,8 +97,10 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
 
     After each meta_loss with grad enabled, ``last_solve`` holds the CGResult of every task (iterations,
     residual norms, relative residuals, status), including tasks then skipped; None for first_order.
-    Tasks whose CG stopped on negative curvature (H_t + (1 + c) D not positive definite) raise a RuntimeWarning
-    naming them; their implicit gradient is the CG iterate reached.
+    Tasks whose CG stopped on negative curvature (H_t + (1 + c) D not positive definite; with
+    negative_curvature="continue" only a breakdown, p^T A p == 0) raise a RuntimeWarning naming them; their
+    implicit gradient is the CG iterate reached. In "continue" mode a task that merely met p^T A p < 0 is not
+    warned about: it carried on, as the peers' CG does.
     """
 
     def __init__(
@@ -101,6 +115,7 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         tol: float = 1e-10,
         cg_damping: float = 0.0,
         lam_damping: float = 0.0,
+        negative_curvature: str = "stop",
         first_order: bool = False,
         nonfinite: str = "raise",
         fused: bool = True,
@@ -122,6 +137,11 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         self.tol = _non_negative(who, "tol", tol)
         self.cg_damping = _non_negative(who, "cg_damping", cg_damping)
         self.lam_damping = _non_negative(who, "lam_damping", lam_damping)
+        if not isinstance(negative_curvature, str) or negative_curvature not in NEGATIVE_CURVATURE_MODES:
+            raise ValueError(
+                f"{who}: negative_curvature must be one of {NEGATIVE_CURVATURE_MODES}, got {negative_curvature!r}"
+            )
+        self.negative_curvature = negative_curvature
         self.residual_warning = (
             None if residual_warning is None else _non_negative(who, "residual_warning", residual_warning)
         )
@@ -269,7 +289,7 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
             def matvec(p: torch.Tensor) -> torch.Tensor:
                 return hessian(p).addcmul_(shift, p)
 
-        return batched_cg(matvec, g, max_iter=self.cg_steps, tol=self.tol)
+        return batched_cg(matvec, g, max_iter=self.cg_steps, tol=self.tol, negative_curvature=self.negative_curvature)
 
     def _check(self, tracker: _FiniteTracker, result: CGResult | None) -> torch.Tensor | None:
         """Raises, warns or picks the tasks to keep; returns their indices, or None to keep all. One host sync."""
@@ -298,9 +318,11 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         negative, relative = flags[1], flags[2]
         tasks = [t for t, (bad, ok) in enumerate(zip(negative, good, strict=True)) if bad and ok]
         if tasks:
+            # The status means p^T A p <= 0 under "stop" and only p^T A p == 0 (a breakdown) under "continue".
+            why = "<= 0" if self.negative_curvature == "stop" else "== 0, a breakdown of plain CG"
             warnings.warn(
                 f"{self._who}.meta_loss: the CG solve stopped on negative curvature (p^T (H + (1 + cg_damping)"
-                f"(lam + lam_damping)) p <= 0) for tasks {tasks}; their implicit gradients are the CG iterates "
+                f"(lam + lam_damping)) p {why}) for tasks {tasks}; their implicit gradients are the CG iterates "
                 f"reached (relative residuals {[f'{relative[t]:.3g}' for t in tasks]}; see .last_solve). A larger "
                 "lam or cg_damping makes the system positive definite.",
                 RuntimeWarning,
@@ -324,5 +346,5 @@ class iMAML(GradientLearner):  # noqa: N801  (the method's name)
         return (
             f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, lam={self.lam}, cg_steps={self.cg_steps}, "
             f"tol={self.tol}, cg_damping={self.cg_damping}, lam_damping={self.lam_damping}, "
-            f"first_order={self.first_order}, adapted={self.layout}"
+            f"negative_curvature={self.negative_curvature!r}, first_order={self.first_order}, adapted={self.layout}"
         )

@@ -37,7 +37,8 @@ loss.backward() accumulates both and any grad_output scaling applies to both.
 Conditions (as iMAML's): the formulas are exact at the inner optimum (many inner steps with a stable step size,
 inner_lr * (largest eigenvalue of H + Lam) < 2: a shrinking sigma^2 makes lambda, and so the needed number of steps
 and the stability limit on inner_lr, grow) with a converged CG solve (see ``last_solve``); H + Lam must be
-positive definite for CG (iMAML warns when it stops on negative curvature).
+positive definite for CG (iMAML warns when it stops on negative curvature; negative_curvature="continue" runs
+plain CG instead, which reaches (H + Lam)^-1 g on an indefinite but nonsingular system given enough iterations).
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ class ShrinkageIMAML(iMAML):
         loss_fn: per-task loss (train and test).
         modules: "parameter" (one module per parameter tensor, default), "layer" (one per submodule owning
             parameters, e.g. a Linear's weight and bias together), or a callable parameter name -> module name.
-        tol, nonfinite, fused, residual_warning: see iMAML. The system solved is iMAML's undamped one
-            (cg_damping = lam_damping = 0), the one whose solution the implicit gradients above need.
+        tol, negative_curvature, nonfinite, fused, residual_warning: see iMAML. The system solved is iMAML's
+            undamped one (cg_damping = lam_damping = 0), the one whose solution the implicit gradients above need;
+            negative_curvature="continue" runs plain CG through p^T (H + Lam) p < 0 (imaml_dev's / TorchOpt's CG).
 
     Attributes:
         log_variance: nn.Parameter [M], s_m = log sigma_m^2 in ``module_names`` order; an optimizer over
@@ -94,6 +96,7 @@ class ShrinkageIMAML(iMAML):
         loss_fn: LossFn,
         modules: ModuleSpec = "parameter",
         tol: float = 1e-10,
+        negative_curvature: str = "stop",
         nonfinite: str = "raise",
         fused: bool = True,
         residual_warning: float | None = None,
@@ -118,6 +121,7 @@ class ShrinkageIMAML(iMAML):
             cg_steps=cg_steps,
             loss_fn=loss_fn,
             tol=tol,
+            negative_curvature=negative_curvature,
             nonfinite=nonfinite,
             fused=fused,
             residual_warning=residual_warning,
@@ -209,5 +213,5 @@ class ShrinkageIMAML(iMAML):
         variances = ", ".join(f"{n}: {v:.4g}" for n, v in self.variances().items())
         return (
             f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, cg_steps={self.cg_steps}, tol={self.tol}, "
-            f"variances={{{variances}}}, adapted={self.layout}"
+            f"negative_curvature={self.negative_curvature!r}, variances={{{variances}}}, adapted={self.layout}"
         )

@@ -3,7 +3,8 @@
 Given Ap = A_t p_t for every task (computed by the caller between calls), updates x, r, p and the per-task
 state rs = r.r, status and iterations of every task still active: alpha = rs / p.Ap, x += alpha p,
 r -= alpha Ap, beta = r.r / rs, p = r + beta p, with per-task convergence (rs <= threshold), negative-curvature
-(p.Ap <= 0) and non-finite stops. The exact rules are in metakernels/reference/cg_step.py; batched CG
+(p.Ap <= 0; with stop_on_negative_curvature=False only the breakdown p.Ap == 0, and p.Ap < 0 steps as plain CG
+does) and non-finite stops. The exact rules are in metakernels/reference/cg_step.py; batched CG
 (metakernels.batched_cg) is the interface most code wants.
 
 A mutating op with no autograd (CG's iterates are not differentiated through) and no output: every result is
@@ -21,7 +22,7 @@ __all__ = ["CG_ACTIVE", "CG_CONVERGED", "CG_NEGATIVE_CURVATURE", "CG_NONFINITE",
 
 LIBRARY.define(
     "cg_step(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor(d!) rs, Tensor(e!) status, "
-    "Tensor(f!) iterations, Tensor threshold) -> ()"
+    "Tensor(f!) iterations, Tensor threshold, bool stop_on_negative_curvature=True) -> ()"
 )
 
 _CG_STEP = torch.ops.metakernels.cg_step.default
@@ -36,6 +37,7 @@ def cg_step(
     status: torch.Tensor,
     iterations: torch.Tensor,
     threshold: torch.Tensor,
+    stop_on_negative_curvature: bool = True,
 ) -> None:
     """One CG iteration of every active task, in place.
 
@@ -46,14 +48,22 @@ def cg_step(
         status: [T] int32: CG_ACTIVE tasks step, any other code is left alone (updated).
         iterations: [T] int64 steps taken per task (updated).
         threshold: [T] float64 convergence threshold on r.r ((tol * ||b_t||)^2).
+        stop_on_negative_curvature: True (default): a task with p.Ap <= 0 stops there (status
+            CG_NEGATIVE_CURVATURE, no step). False: plain CG, a task steps whenever p.Ap is finite and nonzero
+            (alpha = rs / p.Ap may be negative); only p.Ap == 0 (breakdown) stops it with CG_NEGATIVE_CURVATURE.
 
     Raises:
-        ValueError / TypeError: shapes, dtypes, devices, non-contiguous or overlapping buffers (naming the
-            argument).
+        ValueError / TypeError: shapes, dtypes, devices, non-contiguous or overlapping buffers, a non-bool
+            stop_on_negative_curvature (naming the argument).
     """
-    _CG_STEP(x, r, p, Ap, rs, status, iterations, threshold)
+    if not isinstance(stop_on_negative_curvature, bool):  # the schema would accept 0/1 silently as well
+        raise TypeError(
+            "metakernels.cg_step: stop_on_negative_curvature must be a bool, got "
+            f"{type(stop_on_negative_curvature).__name__}"
+        )
+    _CG_STEP(x, r, p, Ap, rs, status, iterations, threshold, stop_on_negative_curvature)
 
 
 @torch.library.register_fake("metakernels::cg_step")
-def _cg_step_fake(x, r, p, Ap, rs, status, iterations, threshold):
-    return None
+def _cg_step_fake(x, r, p, Ap, rs, status, iterations, threshold, stop_on_negative_curvature=True):
+    return None  # every result is written into the mutated arguments; the rule changes no shape

@@ -6,7 +6,11 @@ Per task t whose status is CG_ACTIVE, given Ap = A_t p (computed by the caller):
     if rs is not finite:            status = CG_NONFINITE            (no step)
     pAp = p . Ap                                                     (float64 accumulation)
     if pAp is not finite:           status = CG_NONFINITE            (no step: the matvec produced inf/NaN)
-    elif pAp <= 0:                  status = CG_NEGATIVE_CURVATURE   (no step: A_t is not positive definite along p)
+    stop_on_negative_curvature=True (default):
+      elif pAp <= 0:                status = CG_NEGATIVE_CURVATURE   (no step: A_t is not positive definite along p)
+    stop_on_negative_curvature=False (plain CG, the rule of imaml_dev's and TorchOpt's CG):
+      elif pAp == 0:                status = CG_NEGATIVE_CURVATURE   (no step: breakdown, alpha would be infinite)
+      (pAp < 0 steps like pAp > 0, with a negative alpha)
     alpha = rs / pAp, rounded to the working dtype; not finite -> CG_NONFINITE (no step)
     r -= alpha Ap;  rr = r . r                                       (float64 accumulation)
     if rr is not finite:            status = CG_NONFINITE            (x, rs, iterations keep their values; r is spent)
@@ -16,7 +20,10 @@ Per task t whose status is CG_ACTIVE, given Ap = A_t p (computed by the caller):
         if beta (working dtype) is finite: p = r + beta p   else status = CG_NONFINITE (unless converged)
 
 A stopped task (any status other than CG_ACTIVE) is left untouched by later calls, so its x is the iterate it
-stopped at and never NaN (alpha and p are finite whenever x is updated). threshold is on r^T r, i.e. the
+stopped at and never NaN (alpha and p are finite whenever x is updated), in either mode. With
+stop_on_negative_curvature=False on an indefinite A_t the iterates no longer minimise 1/2 x^T A x - b^T x, but the
+residuals stay mutually orthogonal, so without a breakdown (pAp == 0) plain CG still reaches A_t^-1 b in at most P
+steps of exact arithmetic. threshold is on r^T r, i.e. the
 squared residual norm (batched_cg passes (tol * ||b_t||)^2).
 
 Elementwise arithmetic is in the working dtype (alpha and beta rounded to it once), dot products in float64:
@@ -42,8 +49,9 @@ def cg_step(
     status: torch.Tensor,
     iterations: torch.Tensor,
     threshold: torch.Tensor,
+    stop_on_negative_curvature: bool = True,
 ) -> None:
-    check_cg_step_args(x, r, p, Ap, rs, status, iterations, threshold)
+    check_cg_step_args(x, r, p, Ap, rs, status, iterations, threshold, stop_on_negative_curvature)
     dtype = x.dtype
 
     def code(value: int) -> torch.Tensor:
@@ -57,10 +65,11 @@ def cg_step(
 
     pap = (p.to(torch.float64) * Ap.to(torch.float64)).sum(1)
     pap_finite = torch.isfinite(pap)
-    negative = active & pap_finite & ~(pap > 0)
-    curved = active & pap_finite & (pap > 0)
-    alpha = torch.where(curved, rs / torch.where(curved, pap, 1.0), 0.0).to(dtype)
-    step = curved & torch.isfinite(alpha)
+    breakdown = ~(pap > 0) if stop_on_negative_curvature else pap == 0  # the task stops here, without a step
+    negative = active & pap_finite & breakdown
+    usable = active & pap_finite & ~breakdown
+    alpha = torch.where(usable, rs / torch.where(usable, pap, 1.0), 0.0).to(dtype)
+    step = usable & torch.isfinite(alpha)
     nonfinite = active & ~negative & ~step
 
     r.copy_(torch.where(step[:, None], r - alpha[:, None] * Ap, r))

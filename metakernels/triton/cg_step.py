@@ -16,6 +16,8 @@ program (t, 0) of launch 3, whose sibling programs read the copies that program 
 scratch instead, so no program reads a value another program of the same launch writes.
 
 Dot products accumulate in float64 (as the C++ kernel); elementwise arithmetic is in the storage dtype.
+stop_on_negative_curvature is a compile-time constant (STOP_ON_NEGATIVE) of launches 2 and 3, the two that
+decide whether p.Ap allows a step: True stops a task on p.Ap <= 0, False (plain CG) only on p.Ap == 0.
 """
 
 from __future__ import annotations
@@ -52,10 +54,20 @@ def _reduced(scratch_ptr, row, first, num_chunks, CHUNKS_POW2: tl.constexpr):
 
 
 @triton.jit
-def _alpha(pap, rs, dtype: tl.constexpr):
-    curved = _finite(pap) & (pap > 0)
-    alpha = (rs / tl.where(curved, pap, 1.0)).to(dtype)
-    return alpha, curved & _finite(alpha)
+def _breakdown(pap, STOP_ON_NEGATIVE: tl.constexpr):
+    """A finite p.Ap on which the task stops with CG_NEGATIVE_CURVATURE: <= 0 (stop rule) or == 0 (plain CG)."""
+    if STOP_ON_NEGATIVE:
+        stops = ~(pap > 0)
+    else:
+        stops = pap == 0
+    return _finite(pap) & stops
+
+
+@triton.jit
+def _alpha(pap, rs, dtype: tl.constexpr, STOP_ON_NEGATIVE: tl.constexpr):
+    usable = _finite(pap) & ~_breakdown(pap, STOP_ON_NEGATIVE)
+    alpha = (rs / tl.where(usable, pap, 1.0)).to(dtype)
+    return alpha, usable & _finite(alpha)
 
 
 @triton.jit
@@ -96,12 +108,13 @@ def _cg_residual_kernel(
     num_chunks,
     BLOCK_SIZE: tl.constexpr,
     CHUNKS_POW2: tl.constexpr,
+    STOP_ON_NEGATIVE: tl.constexpr,
 ):
     task, c = tl.program_id(0), tl.program_id(1)
     row = task * (2 * num_chunks + 2)
     active, rs = _task_is_active(status_ptr, rs_ptr, threshold_ptr, task)
     pap = _reduced(scratch_ptr, row, 0, num_chunks, CHUNKS_POW2)
-    alpha, ok = _alpha(pap, rs, r_ptr.dtype.element_ty)
+    alpha, ok = _alpha(pap, rs, r_ptr.dtype.element_ty, STOP_ON_NEGATIVE)
     step = active & ok
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     for start in range(0, chunk, BLOCK_SIZE):
@@ -137,13 +150,14 @@ def _cg_direction_kernel(
     CONVERGED: tl.constexpr,
     NEGATIVE_CURVATURE: tl.constexpr,
     NONFINITE: tl.constexpr,
+    STOP_ON_NEGATIVE: tl.constexpr,
 ):
     task, c = tl.program_id(0), tl.program_id(1)
     row = task * (2 * num_chunks + 2)
     rs = tl.load(scratch_ptr + row + 2 * num_chunks)
     active = tl.load(scratch_ptr + row + 2 * num_chunks + 1) != 0.0
     pap = _reduced(scratch_ptr, row, 0, num_chunks, CHUNKS_POW2)
-    alpha, ok = _alpha(pap, rs, x_ptr.dtype.element_ty)
+    alpha, ok = _alpha(pap, rs, x_ptr.dtype.element_ty, STOP_ON_NEGATIVE)
     step = active & ok
     rr = _reduced(scratch_ptr, row, num_chunks, num_chunks, CHUNKS_POW2)
     accept = step & _finite(rr)
@@ -166,7 +180,7 @@ def _cg_direction_kernel(
         new = tl.where(turn | converged, 0, NONFINITE)  # accepted; no direction for the next step
         new = tl.where(converged, CONVERGED, new)
         new = tl.where(accept, new, NONFINITE)  # step rejected: a non-finite r.r or alpha ...
-        new = tl.where(_finite(pap) & ~(pap > 0), NEGATIVE_CURVATURE, new)  # ... or a non-positive p.Ap
+        new = tl.where(_breakdown(pap, STOP_ON_NEGATIVE), NEGATIVE_CURVATURE, new)  # ... or p.Ap's breakdown
         new = tl.where(active, new, tl.where(_finite(rs), CONVERGED, NONFINITE))  # stopped before the step
         tl.store(status_ptr + task, tl.where(was_active, new, status).to(status.dtype))
         tl.store(rs_ptr + task, tl.where(accept, rr, rs))
@@ -188,8 +202,9 @@ def cg_step(
     status: torch.Tensor,
     iterations: torch.Tensor,
     threshold: torch.Tensor,
+    stop_on_negative_curvature: bool = True,
 ) -> None:
-    check_cg_step_args(x, r, p, Ap, rs, status, iterations, threshold)
+    check_cg_step_args(x, r, p, Ap, rs, status, iterations, threshold, stop_on_negative_curvature)
     Ap, threshold = Ap.contiguous(), threshold.contiguous()
     num_tasks, num_params = x.shape
     chunk, num_chunks = _chunking(num_params)
@@ -198,7 +213,18 @@ def cg_step(
     grid = (num_tasks, num_chunks)
     _cg_pap_kernel[grid](p, Ap, status, rs, threshold, scratch, num_params, chunk, num_chunks, BLOCK_SIZE=BLOCK)
     _cg_residual_kernel[grid](
-        r, Ap, status, rs, threshold, scratch, num_params, chunk, num_chunks, BLOCK_SIZE=BLOCK, CHUNKS_POW2=chunks_pow2
+        r,
+        Ap,
+        status,
+        rs,
+        threshold,
+        scratch,
+        num_params,
+        chunk,
+        num_chunks,
+        BLOCK_SIZE=BLOCK,
+        CHUNKS_POW2=chunks_pow2,
+        STOP_ON_NEGATIVE=stop_on_negative_curvature,
     )
     _cg_direction_kernel[grid](
         x,
@@ -217,4 +243,5 @@ def cg_step(
         CONVERGED=CG_CONVERGED,
         NEGATIVE_CURVATURE=CG_NEGATIVE_CURVATURE,
         NONFINITE=CG_NONFINITE,
+        STOP_ON_NEGATIVE=stop_on_negative_curvature,
     )
