@@ -107,7 +107,11 @@ SHARED_MACHINE_NOTE = (
     "2-core VM shared with other jobs while measuring: timings are noisy and pessimistic; see load_average_start/end"
 )
 MEMORY_KS = (5, 20, 100)
-MEMORY_ALGOS = ("imaml", "maml", "imaml_loop")
+# "maml": second-order MAML by autograd through the unrolled inner loop (meta_gradient="unroll"), the baseline
+# whose memory grows with k; "maml_hvp": the same meta-gradient by reverse Hessian-vector products
+# (meta_gradient="hvp", conv nets only), which keeps no graph.
+MEMORY_ALGOS = ("imaml", "maml", "maml_hvp", "imaml_loop")
+MEMORY_REPEATS = 3
 # Allocator settings of the memory workers. "glibc": the defaults, what a user gets. "mmap128k": every allocation of
 # 128 KiB or more is its own mmap, returned to the system when freed, so the RSS follows the live tensors. With the
 # defaults glibc raises its mmap threshold after freeing large blocks (up to 32 MiB), serves later ones from the
@@ -544,9 +548,14 @@ def memory_worker(spec: dict) -> dict:
     algo = spec["algo"]
     if algo == "imaml":
         step = build_metakernels(model, w, batch)
-    elif algo == "maml":
+    elif algo in ("maml", "maml_hvp"):
         learner = metakernels.MAML(
-            model, inner_lr=w.inner_lr, inner_steps=w.inner_steps, first_order=False, loss_fn=w.loss_fn
+            model,
+            inner_lr=w.inner_lr,
+            inner_steps=w.inner_steps,
+            first_order=False,
+            loss_fn=w.loss_fn,
+            meta_gradient="unroll" if algo == "maml" else "hvp",
         )
 
         def step() -> torch.Tensor:
@@ -604,9 +613,13 @@ def run_memory(
     threads: int = 1,
     timeout_s: float = 3600.0,
     allocators: Sequence[str] = ("glibc",),
+    repeats: int = 1,
 ) -> list[dict]:
-    """One subprocess per (workload, allocator, algorithm, k), k ascending; a run whose increment, extrapolated
-    linearly from the two smallest k measured, would exceed cap_bytes is skipped and reported as capped.
+    """``repeats`` subprocesses per (workload, allocator, algorithm, k), k ascending; a run whose increment,
+    extrapolated linearly from the two smallest k measured, would exceed cap_bytes is skipped and reported as
+    capped. With glibc's defaults identical processes differ by up to ~15% in peak RSS (heap fragmentation
+    depends on timing: measured 172 and 199 MiB for the same conv iMAML k=5 run), so each figure is the median
+    over the repeats, and the row keeps every repeat's value (peak_mib_runs, increment_mib_runs).
 
     Returns:
         One row per case: peak_mib, increment_mib, rss_setup_mib, median_step_s (or error / capped).
@@ -617,7 +630,9 @@ def run_memory(
     if bad:
         raise ValueError(f"run_memory: unknown allocators {bad}; expected some of {list(ALLOCATORS)}")
     for w, allocator, algo in ((w, a, g) for w in workloads for a in allocators for g in algos):
-        why = unavailable("metakernels") if algo == "imaml" else None
+        why = unavailable("metakernels") if algo in ("imaml", "maml_hvp") else None
+        if why is None and algo == "maml_hvp" and w.net != "conv":
+            why = "meta_gradient='hvp' applies to conv nets (MLPs keep the fused double-backward kernel)"
         measured: list[tuple[int, float]] = []
         for k in ks:
             row = {"section": "memory", "workload": w.name, "label": w.label, "algo": algo,
@@ -638,11 +653,16 @@ def run_memory(
                     print(f"  {w.name:10} {allocator:8} {algo:11} k={k:4}  {row['error']}", flush=True)
                     continue
             spec = {"workload": w.name, "algo": algo, "k": k, "steps": steps, "threads": threads}
-            res = run_memory_case(spec, timeout_s, allocator)
-            if "error" in res:
-                rows.append({**row, "error": res["error"]})
-                print(f"  {w.name:10} {allocator:8} {algo:11} k={k:4}  error: {res['error']}", flush=True)
+            runs = [run_memory_case(spec, timeout_s, allocator) for _ in range(max(1, repeats))]
+            failed = [r for r in runs if "error" in r]
+            if failed:
+                rows.append({**row, "error": failed[0]["error"]})
+                print(f"  {w.name:10} {allocator:8} {algo:11} k={k:4}  error: {failed[0]['error']}", flush=True)
                 continue
+            res = _median_run(runs)
+            row["repeats"] = len(runs)
+            row["peak_mib_runs"] = [r["peak_steps_bytes"] / 2**20 for r in runs]
+            row["increment_mib_runs"] = [r["increment_bytes"] / 2**20 for r in runs]
             measured.append((k, res["increment_bytes"]))
             row.update(
                 peak_mib=res["peak_steps_bytes"] / 2**20,
@@ -662,6 +682,15 @@ def run_memory(
             )
     add_growth(rows)
     return rows
+
+
+def _median_run(runs: Sequence[dict]) -> dict:
+    """Field by field, the median of the numeric fields over repeated runs (the first run's other fields)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
 
 
 def add_growth(rows: list[dict]) -> None:
@@ -827,6 +856,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-algos", default=",".join(MEMORY_ALGOS))
     p.add_argument("--memory-allocators", default=",".join(ALLOCATORS), help=f"some of {list(ALLOCATORS)}")
     p.add_argument("--memory-steps", type=int, default=2, help="meta-steps per memory run (default 2)")
+    p.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=MEMORY_REPEATS,
+        help=f"processes per memory case, the median reported (default {MEMORY_REPEATS})",
+    )
     p.add_argument("--memory-cap-gb", type=float, default=8.0, help="skip runs extrapolated beyond this (GiB)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument(
@@ -872,14 +907,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         ks = [int(k) for k in _csv_list(args.memory_ks)]
         algos = _csv_list(args.memory_algos)
-        print(f"peak RSS, one process per (workload, algorithm, k), {args.memory_steps} meta-steps, 1 thread ...")
+        print(
+            f"peak RSS, {args.memory_repeats} processes per (workload, algorithm, k) (median), "
+            f"{args.memory_steps} meta-steps, 1 thread ..."
+        )
         allocators = _csv_list(args.memory_allocators)
-        rows += run_memory(workloads, algos, ks, args.memory_steps, args.memory_cap_gb * 2**30, allocators=allocators)
+        rows += run_memory(
+            workloads,
+            algos,
+            ks,
+            args.memory_steps,
+            args.memory_cap_gb * 2**30,
+            allocators=allocators,
+            repeats=args.memory_repeats,
+        )
         print("\n" + memory_table(rows))
         config.update(
             memory_ks=ks,
             memory_algos=algos,
             memory_steps=args.memory_steps,
+            memory_repeats=args.memory_repeats,
             memory_allocators={a: ALLOCATORS[a] for a in allocators},
             memory_cap_gb=args.memory_cap_gb,
             workloads=[dataclasses.asdict(w) for w in workloads],

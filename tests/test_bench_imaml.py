@@ -167,3 +167,21 @@ def test_tables_render():
     bench_imaml.add_growth(mem)
     table = bench_imaml.memory_table(mem)
     assert "capped" in table and "1.01x, 1.05x" in table
+
+
+def test_memory_repeats_report_the_median_and_keep_every_run():
+    (w,) = bench_imaml.memory_test_workloads()
+    (row,) = bench_imaml.run_memory([w], ["imaml_loop"], (2,), steps=1, cap_bytes=2**40, repeats=3)
+    assert row["error"] is None and row["repeats"] == 3
+    assert len(row["peak_mib_runs"]) == 3 and len(row["increment_mib_runs"]) == 3
+    assert row["peak_mib"] == sorted(row["peak_mib_runs"])[1]
+    assert row["increment_mib"] == sorted(row["increment_mib_runs"])[1]
+    # the field-wise median of runs, whatever their order
+    runs = [{"a": 3.0, "b": True, "c": "x"}, {"a": 1.0, "b": False, "c": "y"}, {"a": 2.0, "b": False, "c": "z"}]
+    assert bench_imaml._median_run(runs) == {"a": 2.0, "b": True, "c": "x"}
+
+
+def test_maml_hvp_memory_is_refused_on_an_mlp_with_a_reason():
+    (w,) = bench_imaml.memory_test_workloads()
+    (row,) = bench_imaml.run_memory([w], ["maml_hvp"], (2,), steps=1, cap_bytes=2**40)
+    assert "conv" in row["error"]
