@@ -11,6 +11,11 @@ An op gets cases only when it is in metakernels.ops.OP_NAMES and registered unde
 at run time, so the profiler runs before and after an op lands. A new op joins by adding a function to
 CASE_BUILDERS (tests/test_profiler.py fails, naming it, while an op in OP_NAMES has none).
 
+Composite entries (COMPOSITE_OPS) are public functions over a model rather than registered ops, profiled like
+one: "hvp" times one Hessian-vector product of all tasks (metakernels.hvp_operator's matvec, what a CG loop
+pays per iteration) against the double-backward product. They are available whenever the ops their fast paths
+dispatch to are registered.
+
 Grids: "full" (sizes up to ~4x the L3), "quick" (a few sizes, one beyond the L3, ~1 minute with the machine
 measurement) and "tiny" (for tests: every case in milliseconds).
 """
@@ -23,6 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
 
 from .machine import l3_bytes
 
@@ -53,7 +61,9 @@ class Case:
     """One point of an op's size grid.
 
     Attributes:
-        op: the torch.ops.metakernels op the call dispatches to (its name in profiler traces).
+        op: the torch.ops.metakernels op the call dispatches to (its name in profiler traces), or a composite
+            entry of COMPOSITE_OPS (its call then runs in a record_function range "metakernels::<op>" while a
+            profiler is active).
         label: what distinguishes the case within the op ("scalar N=1e6", "sinusoid hidden 40x40").
         bound: the roofline that applies: a STREAM pattern (bandwidth-bound) or "gemm".
         via: how the op is called ("metakernels.inner_step(out=buf)", "torch.ops.metakernels.task_linear").
@@ -154,6 +164,7 @@ def _inner_step_case(op: str, n: int, rate: str, in_place: bool = False) -> Case
         from .. import inner_step
 
         if op == "inner_step":
+
             def call():
                 return inner_step(theta, grad, lr, segment_offsets=offsets)
 
@@ -269,8 +280,14 @@ def reptile_update_cases(grid: str, l3: int) -> list[Case]:
                 P * es,
             )
 
-        return Case("reptile_update", f"T={T} N={_fmt(n)}", "read", "torch.ops.metakernels.reptile_update",
-                    {"T": T, "P": P}, make)
+        return Case(
+            "reptile_update",
+            f"T={T} N={_fmt(n)}",
+            "read",
+            "torch.ops.metakernels.reptile_update",
+            {"T": T, "P": P},
+            make,
+        )
 
     return [case(n) for n in sizes]
 
@@ -311,8 +328,14 @@ def task_linear_cases(grid: str, l3: int) -> list[Case]:
                 flops=2.0 * T * N * fin * fout,
             )
 
-        return Case("task_linear", f"{name} T={T} N={N} {fin}x{fout} relu", "gemm",
-                    "torch.ops.metakernels.task_linear", {"T": T, "N": N, "in": fin, "out": fout}, make)
+        return Case(
+            "task_linear",
+            f"{name} T={T} N={N} {fin}x{fout} relu",
+            "gemm",
+            "torch.ops.metakernels.task_linear",
+            {"T": T, "N": N, "in": fin, "out": fout},
+            make,
+        )
 
     return [case(*s) for s in _linear_shapes(grid)]
 
@@ -339,9 +362,14 @@ def task_linear_backward_cases(grid: str, l3: int) -> list[Case]:
                 flops=4.0 * T * N * fin * fout,
             )
 
-        return Case("task_linear_backward", f"{name} T={T} N={N} {fin}x{fout} relu d_x,d_w,d_b", "gemm",
-                    "torch.ops.metakernels.task_linear_backward",
-                    {"T": T, "N": N, "in": fin, "out": fout, "mask": mask}, make)
+        return Case(
+            "task_linear_backward",
+            f"{name} T={T} N={N} {fin}x{fout} relu d_x,d_w,d_b",
+            "gemm",
+            "torch.ops.metakernels.task_linear_backward",
+            {"T": T, "N": N, "in": fin, "out": fout, "mask": mask},
+            make,
+        )
 
     return [case(*s) for s in _linear_shapes(grid)]
 
@@ -352,11 +380,15 @@ def task_linear_backward_cases(grid: str, l3: int) -> list[Case]:
 def _mlp_shapes(grid: str) -> list[tuple[str, list[int], str, int, int]]:
     """(name, widths, loss, T, N): the sinusoid regression MLP and a 5-way Omniglot MLP."""
     return {
-        "full": [("sinusoid", [1, 40, 40, 1], "mse", 25, 10),
-                 ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 8, 5),
-                 ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 32, 25)],
-        "quick": [("sinusoid", [1, 40, 40, 1], "mse", 25, 10),
-                  ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 8, 5)],
+        "full": [
+            ("sinusoid", [1, 40, 40, 1], "mse", 25, 10),
+            ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 8, 5),
+            ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 32, 25),
+        ],
+        "quick": [
+            ("sinusoid", [1, 40, 40, 1], "mse", 25, 10),
+            ("omniglot mlp", [784, 256, 128, 5], "cross_entropy", 8, 5),
+        ],
         "tiny": [("tiny", [3, 4, 2], "mse", 2, 3), ("tiny", [3, 4, 2], "cross_entropy", 2, 3)],
     }[grid]
 
@@ -403,22 +435,35 @@ def mlp_loss_grad_cases(grid: str, l3: int) -> list[Case]:
                 flops=2.0 * T * N * (3 * macs - first),
             )
 
-        return Case("mlp_loss_grad", f"{name} {widths} {loss} T={T} N={N}", "gemm",
-                    "torch.ops.metakernels.mlp_loss_grad",
-                    {"T": T, "N": N, "widths": widths, "loss": loss, "P": P}, make)
+        return Case(
+            "mlp_loss_grad",
+            f"{name} {widths} {loss} T={T} N={N}",
+            "gemm",
+            "torch.ops.metakernels.mlp_loss_grad",
+            {"T": T, "N": N, "widths": widths, "loss": loss, "P": P},
+            make,
+        )
 
     return [case(*s) for s in _mlp_shapes(grid)]
 
 
+def _mlp_rop_flops(widths: list[int], T: int, N: int) -> float:
+    """FLOPs of one call of the MLP R-operator kernel (mlp_loss_grad_backward, csrc/kernels/mlp_loss_grad.h
+    mlp_hvp_task), counting its matrix products (2 FLOPs per multiply-add). Per sample and multiply-add m_l of
+    a layer: forward 2 (z = h W^T), R-forward 4 (h V^T, Rh W^T), R-backward weight product 4 (E^T h, d^T Rh;
+    E = Rd + g_loss d folds the gradient's own d^T h into the first), input products 6 (d W, Rd W, d V). The
+    first layer has no input direction (Rh_0 = 0) and no input gradient: 2 + 2 + 2 = 6 there. In all
+    2 T N (8 sum(m_l) - 5 m_0). Elementwise work (activations, loss derivatives, bias sums) is not counted."""
+    macs, first = _mlp_macs(widths)
+    return 2.0 * T * N * (8 * macs - 5 * first)
+
+
 def mlp_loss_grad_backward_cases(grid: str, l3: int) -> list[Case]:
     """grad_loss * grad + H grad_grad per task (second-order MAML's backward through an MLP inner step), by
-    the R-operator. FLOPs per sample and multiply-add of a layer: forward 2, R-forward 4, backward 4,
-    R-backward 8; the first layer skips the terms of the (zero) input direction and the input gradients:
-    8 there. In all 18 sum(m_l) - 10 m_0."""
+    the R-operator; FLOPs: see _mlp_rop_flops."""
 
     def case(name: str, widths: list[int], loss: str, T: int, N: int) -> Case:
         P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
-        macs, first = _mlp_macs(widths)
 
         def make() -> Built:
             theta, x, target = _mlp_inputs(widths, loss, T, N)
@@ -433,12 +478,17 @@ def mlp_loss_grad_backward_cases(grid: str, l3: int) -> list[Case]:
                 None if ref is None else (lambda: ref(*args)),
                 (T + 2 * T * P + x.numel()) * es + target.numel() * target.element_size(),
                 T * P * es,
-                flops=2.0 * T * N * (9 * macs - 5 * first),
+                flops=_mlp_rop_flops(widths, T, N),
             )
 
-        return Case("mlp_loss_grad_backward", f"{name} {widths} {loss} T={T} N={N}", "gemm",
-                    "torch.ops.metakernels.mlp_loss_grad_backward",
-                    {"T": T, "N": N, "widths": widths, "loss": loss, "P": P}, make)
+        return Case(
+            "mlp_loss_grad_backward",
+            f"{name} {widths} {loss} T={T} N={N}",
+            "gemm",
+            "torch.ops.metakernels.mlp_loss_grad_backward",
+            {"T": T, "N": N, "widths": widths, "loss": loss, "P": P},
+            make,
+        )
 
     return [case(*s) for s in _mlp_shapes(grid)]
 
@@ -452,8 +502,11 @@ CONV_K, CONV_STRIDE, CONV_PADDING, CONV_EPS = 3, 1, 1, 1e-5
 def _conv_shapes(grid: str) -> list[tuple[str, int, int, int, int, int]]:
     """(name, T, N, Cin, Cout, H = W) of the conv4 nets' blocks (Omniglot 28x28, MiniImagenet 84x84)."""
     return {
-        "full": [("omniglot layer 1", 8, 75, 1, 64, 28), ("omniglot layer 2", 8, 75, 64, 64, 14),
-                 ("miniimagenet layer 2", 4, 75, 32, 32, 42)],
+        "full": [
+            ("omniglot layer 1", 8, 75, 1, 64, 28),
+            ("omniglot layer 2", 8, 75, 64, 64, 14),
+            ("miniimagenet layer 2", 4, 75, 32, 32, 42),
+        ],
         "quick": [("omniglot layer 1", 8, 75, 1, 64, 28), ("omniglot layer 2", 8, 75, 64, 64, 14)],
         "tiny": [("tiny", 2, 3, 2, 3, 6)],
     }[grid]
@@ -494,9 +547,14 @@ def conv_block_cases(grid: str, l3: int) -> list[Case]:
                 flops=flops,
             )
 
-        return Case("conv_block", f"{name} T={T} N={N} {cin}->{cout} {hw}x{hw} pool", "gemm",
-                    "torch.ops.metakernels.conv_block",
-                    {"T": T, "N": N, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "k": CONV_K}, make)
+        return Case(
+            "conv_block",
+            f"{name} T={T} N={N} {cin}->{cout} {hw}x{hw} pool",
+            "gemm",
+            "torch.ops.metakernels.conv_block",
+            {"T": T, "N": N, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "k": CONV_K},
+            make,
+        )
 
     return [case(*s) for s in _conv_shapes(grid)]
 
@@ -514,7 +572,8 @@ def conv_block_backward_cases(grid: str, l3: int) -> list[Case]:
             x, w, b, bn_w, bn_b = _conv_inputs(T, N, cin, cout, hw)
             with torch.no_grad():
                 out, conv_out, mean, invstd = _op("conv_block")(
-                    x, w, b, bn_w, bn_b, CONV_STRIDE, CONV_PADDING, CONV_EPS, True)
+                    x, w, b, bn_w, bn_b, CONV_STRIDE, CONV_PADDING, CONV_EPS, True
+                )
             grad_out = torch.randn_like(out)
             args = (grad_out, x, w, bn_w, bn_b, conv_out, mean, invstd, CONV_STRIDE, CONV_PADDING, True, mask)
             op, ref = _op("conv_block_backward"), _reference("conv_block_backward")
@@ -528,9 +587,14 @@ def conv_block_backward_cases(grid: str, l3: int) -> list[Case]:
             )
 
         grads = "d_x,d_w,d_bn" if mask[0] else "d_w,d_bn"
-        return Case("conv_block_backward", f"{name} T={T} N={N} {cin}->{cout} {hw}x{hw} pool {grads}", "gemm",
-                    "torch.ops.metakernels.conv_block_backward",
-                    {"T": T, "N": N, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "k": CONV_K, "mask": mask}, make)
+        return Case(
+            "conv_block_backward",
+            f"{name} T={T} N={N} {cin}->{cout} {hw}x{hw} pool {grads}",
+            "gemm",
+            "torch.ops.metakernels.conv_block_backward",
+            {"T": T, "N": N, "Cin": cin, "Cout": cout, "H": hw, "W": hw, "k": CONV_K, "mask": mask},
+            make,
+        )
 
     return [case(*s) for s in _conv_shapes(grid)]
 
@@ -568,8 +632,11 @@ def _pcgrad_case(op: str, T: int, P: int) -> Case:
 
 def pcgrad_cases(grid: str, l3: int) -> list[Case]:
     """The allocating op at the sizes Meta-PCGrad calls it with (a meta-gradient per task)."""
-    shapes = {"full": [(8, 10_000), (8, 100_000), (8, 1_000_000), (16, 1_000_000)], "quick": [(8, 100_000)],
-              "tiny": [(3, 17)]}[grid]
+    shapes = {
+        "full": [(8, 10_000), (8, 100_000), (8, 1_000_000), (16, 1_000_000)],
+        "quick": [(8, 100_000)],
+        "tiny": [(3, 17)],
+    }[grid]
     return [_pcgrad_case("pcgrad", T, P) for T, P in shapes]
 
 
@@ -577,8 +644,15 @@ def pcgrad_out_cases(grid: str, l3: int) -> list[Case]:
     """The update into a preallocated [P] buffer, cache-resident sizes to beyond the L3."""
     dram = {f: _dram_n(l3, 4 * 4, f, 1_000_000) for f in (2.5, 4.0)}  # T = 4: P per working set
     shapes = {
-        "full": [(8, 10_000), (8, 100_000), (8, 1_000_000), (8, 10_000_000), (4, dram[2.5]), (4, dram[4.0]),
-                 (16, _dram_n(l3, 16 * 4, 2.5, 100_000))],
+        "full": [
+            (8, 10_000),
+            (8, 100_000),
+            (8, 1_000_000),
+            (8, 10_000_000),
+            (4, dram[2.5]),
+            (4, dram[4.0]),
+            (16, _dram_n(l3, 16 * 4, 2.5, 100_000)),
+        ],
         "quick": [(8, 1_000_000), (4, dram[2.5])],
         "tiny": [(3, 17)],
     }[grid]
@@ -623,8 +697,11 @@ def cg_step_cases(grid: str, l3: int) -> list[Case]:
     in it (csrc/kernels/cg_step.h). In-place writes: the bound is the in-place triad."""
     T = CG_TASKS
     dram = [_dram_n(l3, 28, f, 8_000) for f in (2.5, 4.0)]  # 7 arrays x 4 bytes per element
-    sizes = {"full": [10_000, 100_000, 1_000_000, 10_000_000, *dram], "quick": [100_000, 1_000_000, dram[0]],
-             "tiny": [64]}[grid]
+    sizes = {
+        "full": [10_000, 100_000, 1_000_000, 10_000_000, *dram],
+        "quick": [100_000, 1_000_000, dram[0]],
+        "tiny": [64],
+    }[grid]
 
     def case(n: int) -> Case:
         P = max(1, n // T)
@@ -643,13 +720,194 @@ def cg_step_cases(grid: str, l3: int) -> list[Case]:
             es = s["x"].element_size()
             return Built(lambda: run(op), None if ref is None else (lambda: run(ref)), 4 * T * P * es, 3 * T * P * es)
 
-        return Case("cg_step", f"T={T} N={_fmt(n)}", "triad_inplace", "torch.ops.metakernels.cg_step",
-                    {"T": T, "P": P}, make)
+        return Case(
+            "cg_step", f"T={T} N={_fmt(n)}", "triad_inplace", "torch.ops.metakernels.cg_step", {"T": T, "P": P}, make
+        )
 
     return [case(n) for n in sizes]
 
 
-# Op name -> its grid. An op in OP_NAMES gets cases from here when it is registered.
+# --- hvp (composite: metakernels.hvp over a model, not a torch.ops op) -------------------------------------
+
+HVP_PERTURBATION = 0.01  # per-task parameters = the model's + this * N(0, 1): distinct tasks, as after adaptation
+
+
+def _hvp_mlp_shapes(grid: str) -> list[tuple[str, list[int], int, int]]:
+    """(name, widths, T, N) of the MLP cases (MSE): MAML's sinusoid regression net."""
+    return {
+        "full": [("sinusoid MLP", [1, 40, 40, 1], 25, 10)],
+        "quick": [("sinusoid MLP", [1, 40, 40, 1], 25, 10)],
+        "tiny": [("tiny MLP", [1, 8, 8, 1], 3, 4)],
+    }[grid]
+
+
+def _hvp_conv_shapes(grid: str) -> list[tuple[str, int, int, int, int, int, int]]:
+    """(name, T, N, channels, blocks, H = W, ways) of the conv-net cases (cross-entropy, one input channel): the
+    Omniglot 4-conv net on a 5-way 1-shot support set (N = 5 images per task)."""
+    omniglot = ("omniglot conv4", 8, 5, 64, 4, 28, 5)
+    return {
+        "full": [omniglot, ("omniglot conv4", 32, 5, 64, 4, 28, 5)],
+        "quick": [omniglot],
+        "tiny": [("tiny conv2", 2, 3, 4, 2, 8, 3)],
+    }[grid]
+
+
+def _conv_net(channels: int, blocks: int, hw: int, ways: int) -> nn.Sequential:
+    """blocks x [Conv2d(3x3, pad 1) + BatchNorm2d + ReLU + MaxPool2d(2)], Flatten, Linear(features, ways), on
+    one-channel hw x hw images (training mode: batch statistics). Built under a fixed seed."""
+    layers: list[nn.Module] = []
+    cin, side = 1, hw
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(blocks):
+            layers += [
+                nn.Conv2d(cin, channels, CONV_K, padding=CONV_PADDING),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            cin, side = channels, side // 2
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * side * side, ways)).train()
+
+
+def _mlp_net(widths: list[int]) -> nn.Sequential:
+    """Linear layers of the given widths, ReLU between them (the sinusoid net for [1, 40, 40, 1])."""
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+
+def conv_net_hvp_flops(T: int, N: int, channels: int, blocks: int, hw: int, ways: int, in_channels: int = 1) -> float:
+    """FLOPs of one conv-net R-operator product (metakernels/functional/conv_rop.py ConvNetHessian._product) on
+    the _conv_net shapes, counting convolutions and matrix products only (2 FLOPs per multiply-add).
+
+    Every convolution-shaped product (forward conv, input gradient convT, weight gradient conv_w) of a block
+    costs 2 N Ho Wo Cout Cin k^2 per task (3x3, pad 1, stride 1: Ho, Wo = the block's input size). Per block:
+    R-forward conv(x, V) + conv(Rx, W), R-backward conv_w(x, R(dz)) + convT(R(dz), W) + conv_w(Rx, dz) +
+    convT(dz, V): 6; the first block has no input direction (Rx = 0) and needs no input gradient (the images):
+    conv(x, V) and conv_w(x, R(dz)) only, 2. Per Linear layer (in -> out): 6 products of 2 N in out
+    (R-forward Rh W^T + h V^T; R-backward R(dz)^T h + dz^T Rh and R(dz) W + dz V). The forward and the
+    gradient are computed once when the operator is built, not per product. Elementwise work (BatchNorm's
+    R-terms, ReLU masks, pooling gathers and scatters, the softmax's) is not counted."""
+    per_task, cin, side = 0.0, in_channels, hw
+    for block in range(blocks):
+        conv = 2.0 * N * side * side * channels * cin * CONV_K * CONV_K
+        per_task += (2 if block == 0 else 6) * conv
+        cin, side = channels, side // 2
+    per_task += 6 * 2.0 * N * (channels * side * side) * ways
+    return T * per_task
+
+
+def _timed_hvp(matvec: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """matvec(v), in a record_function range "metakernels::hvp" only while a profiler is active. Measured (1
+    thread, around a no-op, min of 20 x 5000 calls): the range costs 8.5 us per call even with no profiler
+    running, 3-7% of the ~0.3 ms sinusoid product; the check costs 0.06 us (0.02%)."""
+    profiler_enabled = torch._C._autograd._profiler_enabled
+
+    def call() -> torch.Tensor:
+        if profiler_enabled():
+            with record_function("metakernels::hvp"):
+                return matvec(v)
+        return matvec(v)
+
+    return call
+
+
+def _hvp_built(model: nn.Module, T: int, x: torch.Tensor, y: torch.Tensor, loss_fn, flops: float) -> Built:
+    """The product through metakernels.hvp_operator (fused) and the double-backward product (fused=False), both
+    operators built here, outside the timed calls."""
+    from .. import ParameterLayout, hvp_operator
+
+    layout = ParameterLayout.from_module(model)
+    g = _gen()
+    base = layout.flatten_module(model).detach()
+    params = (base + HVP_PERTURBATION * torch.randn(T, base.numel(), generator=g)).contiguous()
+    v = torch.randn(params.shape, generator=g)
+    fused = hvp_operator(model, params, x, y, loss_fn=loss_fn)
+    generic = hvp_operator(model, params, x, y, loss_fn=loss_fn, fused=False)
+    es = params.element_size()
+    # Bytes: parameters, direction and data read, [T, P] written; the conv R-operator also rereads the forward
+    # state it saved (inputs, normalised outputs, gradients per block), not counted (a lower bound). The bound
+    # is the GEMM rate.
+    read = (2 * params.numel() + x.numel()) * es + y.numel() * y.element_size()
+    return Built(_timed_hvp(fused, v), lambda: generic(v), read, params.numel() * es, flops=flops)
+
+
+_HVP_VIA = (
+    "metakernels.hvp_operator(model, params, x, y, loss_fn={loss})(v): the product only (the operator is "
+    "built once, untimed, as a CG loop builds it once); {path}"
+)
+
+
+def hvp_cases(grid: str, l3: int) -> list[Case]:
+    """One Hessian-vector product of all T tasks (H_t v_t) through metakernels.hvp_operator's matvec: the whole
+    MLP by the fused R-operator (torch.ops.metakernels.mlp_loss_grad_backward, which recomputes the forward
+    and gradient inside: counted, see _mlp_rop_flops), the conv net by conv_rop.py's R-operator (see
+    conv_net_hvp_flops). Reference: the same product by double backward (hvp_operator(..., fused=False): one
+    backward through the saved torch.func.vmap gradient graph)."""
+
+    def mlp_case(name: str, widths: list[int], T: int, N: int) -> Case:
+        P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+        def make() -> Built:
+            g = torch.Generator().manual_seed(1)
+            x = torch.rand(T, N, widths[0], generator=g) * 10 - 5  # the sinusoid tasks' inputs, [-5, 5]
+            y = torch.randn(T, N, widths[-1], generator=g)
+            return _hvp_built(_mlp_net(widths), T, x, y, F.mse_loss, _mlp_rop_flops(widths, T, N))
+
+        via = _HVP_VIA.format(loss="F.mse_loss", path="fused MLP R-operator: metakernels::mlp_loss_grad_backward")
+        return Case(
+            "hvp",
+            f"{name} {widths} mse T={T} N={N}",
+            "gemm",
+            via,
+            {"model": "mlp", "T": T, "N": N, "widths": widths, "loss": "mse", "P": P},
+            make,
+        )
+
+    def conv_case(name: str, T: int, N: int, channels: int, blocks: int, hw: int, ways: int) -> Case:
+        model = _conv_net(channels, blocks, hw, ways)  # small: only the parameter count is used until make()
+        P = sum(p.numel() for p in model.parameters())
+
+        def make() -> Built:
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(T, N, 1, hw, hw, generator=g)
+            y = (torch.arange(N) % ways).repeat(T, 1)  # one image per class (N = ways: 1-shot)
+            flops = conv_net_hvp_flops(T, N, channels, blocks, hw, ways)
+            return _hvp_built(_conv_net(channels, blocks, hw, ways), T, x, y, F.cross_entropy, flops)
+
+        via = _HVP_VIA.format(
+            loss="F.cross_entropy", path="conv-net R-operator (functional/conv_rop.py: grouped aten convolutions)"
+        )
+        return Case(
+            "hvp",
+            f"{name} {channels}ch {hw}x{hw} cross_entropy T={T} N={N}",
+            "gemm",
+            via,
+            {
+                "model": "conv",
+                "T": T,
+                "N": N,
+                "channels": channels,
+                "blocks": blocks,
+                "H": hw,
+                "W": hw,
+                "ways": ways,
+                "loss": "cross_entropy",
+                "P": P,
+            },
+            make,
+        )
+
+    return [mlp_case(*s) for s in _hvp_mlp_shapes(grid)] + [conv_case(*s) for s in _hvp_conv_shapes(grid)]
+
+
+# Op name -> its grid. An op in OP_NAMES (or COMPOSITE_OPS) gets cases from here when it is available.
 CASE_BUILDERS: dict[str, Callable[[str, int], list[Case]]] = {
     "inner_step": inner_step_cases,
     "inner_step_out": inner_step_out_cases,
@@ -664,18 +922,28 @@ CASE_BUILDERS: dict[str, Callable[[str, int], list[Case]]] = {
     "pcgrad": pcgrad_cases,
     "pcgrad_out": pcgrad_out_cases,
     "cg_step": cg_step_cases,
+    "hvp": hvp_cases,
+}
+
+# Composite entries: public functions over a model, not registered ops (so not in OP_NAMES), profiled like one.
+# Name -> the registered ops their fast paths dispatch to: the entry is available when all of these are.
+COMPOSITE_OPS: dict[str, tuple[str, ...]] = {
+    "hvp": ("mlp_loss_grad_backward",),  # the MLP product; the conv-net R-operator runs on aten convolutions
 }
 
 
 def available_ops() -> list[str]:
-    """The ops in metakernels.ops.OP_NAMES registered under torch.ops.metakernels now, in OP_NAMES order."""
+    """The ops in metakernels.ops.OP_NAMES registered under torch.ops.metakernels now, in OP_NAMES order, then
+    the composite entries (COMPOSITE_OPS) whose ops are registered."""
     from ..ops import OP_NAMES
 
-    return [op for op in OP_NAMES if op_registered(op)]
+    ops = [op for op in OP_NAMES if op_registered(op)]
+    return ops + [name for name, needs in COMPOSITE_OPS.items() if all(op_registered(op) for op in needs)]
 
 
 def ops_without_cases() -> list[str]:
-    """Available ops the profiler has no grid for (each new op should add one to CASE_BUILDERS)."""
+    """Available ops the profiler has no grid for (each new op should add one to CASE_BUILDERS; composite
+    entries always have one)."""
     return [op for op in available_ops() if op not in CASE_BUILDERS]
 
 
@@ -688,7 +956,7 @@ def build_cases(grid: str = "quick", ops: list[str] | None = None, l3: int | Non
         l3: the L3 size in bytes that the beyond-the-cache sizes are scaled to (default: this machine's).
 
     Returns:
-        The cases, op by op in OP_NAMES order.
+        The cases, op by op in available_ops() order (OP_NAMES, then the composite entries).
 
     Raises:
         ValueError: an unknown grid, or an op that is not available or has no grid.
@@ -701,9 +969,7 @@ def build_cases(grid: str = "quick", ops: list[str] | None = None, l3: int | Non
     else:
         for op in ops:
             if op not in available:
-                raise ValueError(
-                    f"metakernels profile: op {op!r} is not available (available: {', '.join(available)})"
-                )
+                raise ValueError(f"metakernels profile: op {op!r} is not available (available: {', '.join(available)})")
             if op not in CASE_BUILDERS:
                 raise ValueError(f"metakernels profile: op {op!r} has no profiler cases yet")
         selected = [op for op in available if op in ops]

@@ -67,16 +67,20 @@ def profile(
     say(format_machine(machine))
     load = os.getloadavg()[0]
     if load >= 0.5:
-        say(f"note: load average {load:.2f}: other work shares the CPUs, so times are pessimistic and noisy "
-            "(a busy core stalls every multi-threaded kernel; try --threads 1, or rerun when quiet)")
+        say(
+            f"note: load average {load:.2f}: other work shares the CPUs, so times are pessimistic and noisy "
+            "(a busy core stalls every multi-threaded kernel; try --threads 1, or rerun when quiet)"
+        )
     op_lists = {
         "available": C.available_ops(),
         "profiled": list(dict.fromkeys(c.op for c in cases)),
         "without_cases": C.ops_without_cases(),
     }
     if op_lists["without_cases"] and ops is None:
-        say(f"note: no profiler cases for {', '.join(op_lists['without_cases'])} "
-            "(add them to metakernels/profiler/cases.py CASE_BUILDERS)")
+        say(
+            f"note: no profiler cases for {', '.join(op_lists['without_cases'])} "
+            "(add them to metakernels/profiler/cases.py CASE_BUILDERS)"
+        )
     say(f"timing {len(cases)} cases ({grid} grid, {n_threads} threads) ...")
     rows = run_cases(cases, machine, grid, reference=reference, progress=say if grid != "tiny" else None)
     run["load_average_1m_end"] = os.getloadavg()[0]
@@ -92,13 +96,17 @@ def profile(
         "dtype": "float32",
         "cpu_backend": _cpu_backend(),
     }
-    paths = {"json": write_json(out / "profile.json", machine, run, config, rows, op_lists),
-             "csv": write_csv(out / "profile.csv", run, rows)}
+    paths = {
+        "json": write_json(out / "profile.json", machine, run, config, rows, op_lists),
+        "csv": write_csv(out / "profile.csv", run, rows),
+    }
     if plot:
         from .plot import plot_profile
 
-        title = (f"metakernels profile ({grid}) | {run['cpu_model']} | {n_threads} threads | torch "
-                 f"{run['torch_version']} | commit {run['git_commit'][:10]}{' (dirty)' if run['git_dirty'] else ''}")
+        title = (
+            f"metakernels profile ({grid}) | {run['cpu_model']} | {n_threads} threads | torch "
+            f"{run['torch_version']} | commit {run['git_commit'][:10]}{' (dirty)' if run['git_dirty'] else ''}"
+        )
         png = plot_profile(rows, out / "profile.png", title=title)
         if png is not None:
             paths["png"] = png
@@ -136,24 +144,44 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         "profile",
         help="measure this machine's rooflines and time every fused op against them",
         description="Measures this machine's DRAM bandwidth (working set 4x the L3), cache-resident bandwidth "
-                    "and fp32 GEMM rate, then times every fused op over a size grid: median time, GB/s or "
-                    "GFLOP/s, % of the applicable roofline, speedup over the pure-PyTorch reference. Prints a "
-                    "table; writes OUT/profile.json, profile.csv and profile.png.",
+        "and fp32 GEMM rate, then times every fused op (and metakernels.hvp's product) over a size "
+        "grid: median time, GB/s or "
+        "GFLOP/s, % of the applicable roofline, speedup over the pure-PyTorch reference. Prints a "
+        "table; writes OUT/profile.json, profile.csv and profile.png.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller grid and fewer repetitions (~1 minute)")
-    p.add_argument("--ops", default=None, metavar="A,B",
-                   help="comma-separated op names (default: every op registered now; the profiler has cases for "
-                        + ", ".join(C.CASE_BUILDERS) + ")")
+    p.add_argument(
+        "--ops",
+        default=None,
+        metavar="A,B",
+        help="comma-separated op names (default: every op registered now, and hvp: one Hessian-vector "
+        "product of all tasks through metakernels.hvp_operator; the profiler has cases for "
+        + ", ".join(C.CASE_BUILDERS)
+        + ")",
+    )
     p.add_argument("--threads", type=_threads, default=None, help="torch threads (default: torch's, all cores)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="do not write profile.png")
-    p.add_argument("--trace", default=None, metavar="FILE",
-                   help="also write a chrome trace (torch.profiler) of one pass over the grid to FILE")
-    p.add_argument("--machine-json", default=None, metavar="PATH",
-                   help="reuse the machine measurement in a profile.json (or benchmarks/_machine.py JSON)")
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="also write a chrome trace (torch.profiler) of one pass over the grid to FILE",
+    )
+    p.add_argument(
+        "--machine-json",
+        default=None,
+        metavar="PATH",
+        help="reuse the machine measurement in a profile.json (or benchmarks/_machine.py JSON)",
+    )
     p.add_argument("--no-reference", action="store_true", help="do not time the references (no speedup column)")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                   help="first wait up to S seconds for the 1-minute load average to fall below 0.5")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first wait up to S seconds for the 1-minute load average to fall below 0.5",
+    )
     # Tests only: toy sizes and a toy machine measurement, a few seconds in all.
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -172,9 +200,16 @@ def run_profile_command(args: argparse.Namespace, parser: argparse.ArgumentParse
         except (OSError, ValueError) as exc:
             parser.error(f"profile: cannot read --machine-json {args.machine_json}: {exc}")
     try:
-        result = profile(grid=grid, ops=ops, threads=args.threads, out=args.out, plot=not args.no_plot,
-                         trace=args.trace, machine=machine, reference=not args.no_reference)
+        result = profile(
+            grid=grid,
+            ops=ops,
+            threads=args.threads,
+            out=args.out,
+            plot=not args.no_plot,
+            trace=args.trace,
+            machine=machine,
+            reference=not args.no_reference,
+        )
     except ValueError as exc:
         parser.error(str(exc).removeprefix("metakernels "))
     return 1 if result["errors"] else 0
-
