@@ -213,3 +213,26 @@ def test_differentiating_the_precomputed_meta_gradient_again_raises_a_clear_erro
     unrolled = mk.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy, meta_gradient="unroll")
     grads = torch.autograd.grad(unrolled.meta_loss(*image_batch()), list(model.parameters()), create_graph=True)
     assert grads[0].requires_grad
+
+
+@pytest.mark.parametrize("net", ["classifier", "regression"])
+def test_conv_hessian_operator_returns_the_gradient_and_losses_it_computes(net):
+    # The route takes the last inner step's losses and gradient from the operator's own forward and backward.
+    from metakernels.functional.conv_rop import ConvNetHessian
+    from metakernels.functional.hvp import conv_rop_case
+
+    if net == "classifier":
+        model, (xs, ys, _, _), loss_fn = make_convnet(), image_batch(), F.cross_entropy
+    else:
+        model, (xs, ys, _, _), loss_fn = _regression_convnet(), _regression_batch(), F.mse_loss
+    learner = mk.MAML(model, inner_lr=0.1, inner_steps=1, loss_fn=loss_fn)
+    theta = learner.layout.flatten_module(model).detach()
+    phi = (theta + 0.01 * torch.randn(xs.shape[0], theta.numel(), dtype=theta.dtype)).contiguous()
+    stages, kind = conv_rop_case(model, learner.layout, loss_fn, phi, xs, ys)
+    op = ConvNetHessian(stages, learner.layout, phi, xs, ys, kind, with_gradient=True)
+    losses, grad = learner._detached_loss_grad(phi, xs, ys)
+    torch.testing.assert_close(op.losses, losses, **TOL)
+    torch.testing.assert_close(op.gradient, grad, **TOL)
+    # and the products are those of the operator built without it
+    v = torch.randn_like(phi)
+    torch.testing.assert_close(op(v), ConvNetHessian(stages, learner.layout, phi, xs, ys, kind)(v), rtol=0, atol=0)

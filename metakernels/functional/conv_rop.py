@@ -134,8 +134,20 @@ class ConvNetHessian:
     """
 
     def __init__(
-        self, stages, layout: ParameterLayout, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, kind: str
+        self,
+        stages,
+        layout: ParameterLayout,
+        flat: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        kind: str,
+        with_gradient: bool = False,
     ):
+        # with_gradient: also keep the per-task losses [T] (self.losses) and gradients [T, P] (self.gradient) of
+        # the forward and backward the operator runs anyway (second-order MAML's route reuses them for the
+        # inner step at the same point: one support forward and backward fewer).
+        self._with_gradient = with_gradient
+        self._weight_grads: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             self._build(stages, layout, flat.detach(), x.detach(), y.detach(), kind)
 
@@ -192,6 +204,31 @@ class ConvNetHessian:
         d = d.transpose(0, 1).reshape(self.conv_out_shape)
         for i, saved in enumerate(reversed(self.convs)):
             d = self._conv_backward(saved, d, need_dx=i < len(self.convs) - 1)
+        if self._with_gradient:
+            self._assemble_gradient()
+
+    def _assemble_gradient(self) -> None:
+        num_tasks, grads = self.num_tasks, self._weight_grads
+        for saved in self.linears:
+            st = saved.stage
+            grads[st.weight] = torch.bmm(saved.dz.transpose(1, 2), saved.h)
+            if st.bias is not None:
+                grads[st.bias] = saved.dz.sum(1)
+        for saved in self.convs:
+            st = saved.stage
+            if st.bn_weight is not None:
+                grads[st.bn_weight] = (saved.dy_p * saved.zh_p).sum((0, 2, 3)).view(num_tasks, -1)
+            if st.bn_bias is not None:
+                grads[st.bn_bias] = saved.dy_p.sum((0, 2, 3)).view(num_tasks, -1)
+            if st.bias is not None:  # cancels in the normalisation
+                grads[st.bias] = saved.zh.new_zeros(num_tasks, saved.zh.shape[1] // num_tasks)
+        self.gradient = torch.cat([grads[s.name].reshape(num_tasks, -1) for s in self.layout.specs], 1)
+        self._weight_grads = {}
+        if self.kind == "cross_entropy":
+            nll = -(torch.log_softmax(self.logits, 2) * self.onehot).sum(2)  # [T, N]
+            self.losses = (nll * self.weight.squeeze(2)).sum(1)
+        else:
+            self.losses = (self.logits - self.target).square().mean((1, 2))
 
     def _targets(self, y: torch.Tensor) -> None:
         if self.kind == "cross_entropy":
@@ -226,6 +263,10 @@ class ConvNetHessian:
         dz = _scatter(saved.indices, saved.dzh_p, saved.zh)
         dz.sub_(saved.mean_dzh).addcmul_(saved.zh, saved.a_mean, value=-1).mul_(saved.s)
         saved.dz = dz
+        if self._with_gradient:  # dx and the weight gradient in one call
+            dx, dw = self._conv_grads(saved, dz, saved.x, saved.weight, (need_dx, True))
+            self._weight_grads[saved.stage.weight] = dw.view(self.num_tasks, -1)
+            return dx
         if not need_dx:
             return None
         return self._conv_grads(saved, dz, saved.x, saved.weight, (True, False))[0]

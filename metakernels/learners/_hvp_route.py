@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..functional.hvp import conv_rop_case, hvp_operator
-from ..functional.task_params import TaskParams
+from ..functional.conv_rop import ConvNetHessian
+from ..functional.hvp import conv_rop_case
 from ..ops.inner_step import inner_step
 from ._precomputed import PrecomputedGradient
 
@@ -80,8 +80,17 @@ def hvp_route_meta_loss(
     phi = theta.unsqueeze(0).expand(xs.shape[0], -1).contiguous()
     points: list[torch.Tensor] = []  # phi_0 .. phi_{k-1}: where the support Hessians are taken
     rates: list[float] = []
+    stages, kind = conv_rop_case(learner.model, layout, learner.loss_fn, phi, xs, ys)
+    last_hessian = None
     for step in range(learner.inner_steps):
-        losses, grad = learner._detached_loss_grad(phi, xs, ys)
+        if step == learner.inner_steps - 1:
+            # The last point's Hessian operator is needed first in the reverse pass: built now, its forward and
+            # backward also give this step's losses and gradient (one support pass fewer; only this one
+            # operator is kept alive, so memory still does not grow with k).
+            last_hessian = ConvNetHessian(stages, layout, phi, xs, ys, kind, with_gradient=True)
+            losses, grad = last_hessian.losses, last_hessian.gradient
+        else:
+            losses, grad = learner._detached_loss_grad(phi, xs, ys)
         if tracker is not None:
             tracker.record(f"inner loss at step {step}", losses)
             tracker.record(f"inner gradient at step {step}", grad)
@@ -95,8 +104,12 @@ def hvp_route_meta_loss(
         tracker.record("query loss", query_losses)
     wd = learner.weight_decay
     for point, lr in zip(reversed(points), reversed(rates), strict=True):
-        hessian = hvp_operator(learner.model, TaskParams(point, layout), xs, ys, loss_fn=learner.loss_fn)
+        if last_hessian is not None:
+            hessian, last_hessian = last_hessian, None
+        else:
+            hessian = ConvNetHessian(stages, layout, point, xs, ys, kind)
         hv = hessian(v)
+        del hessian
         if wd != 0:
             hv.add_(v, alpha=wd)
         v = v.sub_(hv, alpha=lr) if v.is_contiguous() else v - lr * hv
