@@ -4,7 +4,8 @@ Gram: each program strides over column blocks of BLOCK_C columns and accumulates
 G_s G_s^T: a tl.dot per block in the working precision (IEEE float32, not TF32: TF32 would cost ~1e-3
 relative accuracy in K and flip projection decisions), added into a float64 accumulator, so each entry sums
 at most BLOCK_C products in float32 before float64 takes over (the C++ kernel's scheme). The per-program
-partial Grams are summed in float64 by torch (a [programs, T, T] tensor: small).
+partial Grams are summed in float64 by torch (a [programs, T, T] tensor: small). float64 input takes no
+tl.dot (float64 MMA did not compile in every case on an H200): a broadcast product on 16 x 16 tiles.
 
 Coefficients: one program per task i runs the T-step recurrence on its row of W in float64 (rows are
 independent), reading K alone: W[i] = e_i; for j in orders[i]: d = W[i] . K[j, :] (K is symmetric); if
@@ -36,6 +37,7 @@ from ..reference.pcgrad import (
 )
 
 BLOCK_C = 128  # columns per Gram block: the float32 chain length of each K entry before float64
+BLOCK_C_FLOAT64 = 32  # float64 Gram blocks (no tl.dot: 16 x 16 x 32 products per step in registers)
 BLOCK_P = 1024  # columns per combine program
 
 
@@ -84,7 +86,10 @@ def _gram_kernel(
                 other=0.0,
             )
             if a.dtype == tl.float64:
-                acc += tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=tl.float64)
+                # No tl.dot for float64: on an H200 (Triton 3.6) the float64 MMA path failed to compile with a
+                # column mask ("fp64 don't support largeK MMA") and ran out of shared memory with 64-row tiles.
+                # Small tiles (BT = 16, BLOCK = 32: see _gram) as a broadcast product summed in registers.
+                acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
             else:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -96,10 +101,13 @@ def _gram_kernel(
 def _gram(g: torch.Tensor, shared_mask: torch.Tensor | None) -> torch.Tensor:
     """K [T, T] float64 of contiguous g over the shared columns."""
     num_tasks, num_params = g.shape
-    bt = max(16, min(64, triton.next_power_of_2(num_tasks)))  # tl.dot needs tiles of at least 16
+    if g.dtype == torch.float64:  # the broadcast product of the kernel: [BT, BT, BLOCK] values per program
+        bt, block = 16, BLOCK_C_FLOAT64
+    else:
+        bt, block = max(16, min(64, triton.next_power_of_2(num_tasks))), BLOCK_C  # tl.dot needs tiles >= 16
     tiles = triton.cdiv(num_tasks, bt)
     tp = tiles * bt
-    num_blocks = triton.cdiv(num_params, BLOCK_C)
+    num_blocks = triton.cdiv(num_params, block)
     programs = _gram_programs(num_blocks, g.device)
     partial = torch.empty(programs, tp, tp, dtype=torch.float64, device=g.device)
     mask = shared_mask.contiguous().view(torch.uint8) if shared_mask is not None else g
@@ -114,7 +122,7 @@ def _gram(g: torch.Tensor, shared_mask: torch.Tensor | None) -> torch.Tensor:
         programs,
         HAS_MASK=shared_mask is not None,
         BT=bt,
-        BLOCK=BLOCK_C,
+        BLOCK=block,
         TP=tp,
     )
     upper = torch.triu(partial.sum(0)[:num_tasks, :num_tasks])
