@@ -1034,7 +1034,7 @@ inline void coefficients(const double* K, int64_t rows, const int64_t* order, bo
 // out[c0 + c] = T(sum_i w[i] G[i, c0 + c]) for c < n, rows summed in groups of 4 (then singly) into acc, the
 // first group assigning and the last one storing to out directly.
 template <typename T, typename A>
-inline void combine_shared_tile(const T* g, int64_t rows, int64_t ld, int64_t c0, int64_t n, const A* w,
+inline void combine_tile(const T* g, int64_t rows, int64_t ld, int64_t c0, int64_t n, const A* w,
                                 A* __restrict acc, T* __restrict o) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
@@ -1123,36 +1123,13 @@ bool combine(const T* g, int64_t rows, int64_t cols, int64_t ld, const A* coef, 
       const int64_t n = c1 - c0;
       const A* w = is_shared ? coef : ones.data();
       T* __restrict o = out + c0;
-      if (is_shared) {
-        // Straight into out: the first group of rows initialises the accumulators, the last one writes out
-        // (T <= 4 is then one read of each row and one store: at T = 4 with G in L3 the separate fill and
-        // copy passes cost ~30% of the combine). Same sums, same order as the general loop below.
-        combine_shared_tile(g, rows, ld, c0, n, w, acc, o);
-        c0 = c1;
-        if (!all_shared && r < runs.size() && c0 >= runs[r].end) ++r;
-        continue;
-      }
-      std::fill(acc, acc + n, A(0));
-      int64_t i = 0;
-      for (; i + 4 <= rows; i += 4) {
-        const T* __restrict r0 = g + i * ld + c0;
-        const T* __restrict r1 = r0 + ld;
-        const T* __restrict r2 = r1 + ld;
-        const T* __restrict r3 = r2 + ld;
-        const A w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
-#pragma omp simd
-        for (int64_t c = 0; c < n; ++c) acc[c] += w0 * A(r0[c]) + w1 * A(r1[c]) + w2 * A(r2[c]) + w3 * A(r3[c]);
-      }
-      for (; i < rows; ++i) {
-        const T* __restrict r0 = g + i * ld + c0;
-        const A w0 = w[i];
-#pragma omp simd
-        for (int64_t c = 0; c < n; ++c) acc[c] += w0 * A(r0[c]);
-      }
+      // Straight into out: the first group of rows initialises the accumulators, the last one writes out
+      // (T <= 4 is then one read of each row and one store: at T = 4 with G in L3 separate fill and copy
+      // passes cost ~30% of the combine).
+      combine_tile(g, rows, ld, c0, n, w, acc, o);
+      if (!is_shared) {
 #pragma omp simd reduction(+ : nonfinite)
-      for (int64_t c = 0; c < n; ++c) {
-        o[c] = T(acc[c]);
-        nonfinite += acc[c] - acc[c];
+        for (int64_t c = 0; c < n; ++c) nonfinite += A(o[c]) - A(o[c]);
       }
       c0 = c1;
       if (!all_shared && r < runs.size() && c0 >= runs[r].end) ++r;
