@@ -87,7 +87,57 @@ def test_hvp_route_with_mse_head_and_negative_rate():
     torch.testing.assert_close(grad_h, grad_u, **TOL)
 
 
-def test_auto_takes_the_route_on_conv_nets_and_not_on_mlps(monkeypatch):
+def _tanh_classifier_mlp() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)).to(torch.float64)
+
+
+def _classification_batch(num_tasks: int = 3):
+    g = torch.Generator().manual_seed(6)
+    xs, xq = (torch.randn(num_tasks, 5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    ys, yq = (torch.randint(0, 4, (num_tasks, 5), generator=g) for _ in range(2))
+    return xs, ys, xq, yq
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("net", ["relu_mse", "tanh_cross_entropy"])
+def test_hvp_route_equals_unrolled_mlp_maml(steps, weight_decay, net):
+    # Whole MLPs: each H v is one call of the fused R-operator kernel (mlp_loss_grad_backward).
+    if net == "relu_mse":
+        model, batch, loss_fn, lr = make_mlp(), sinusoid_batch(), F.mse_loss, 0.01
+    else:
+        model, batch, loss_fn, lr = _tanh_classifier_mlp(), _classification_batch(), F.cross_entropy, 0.5
+
+    def learner(mode):
+        return mk.MAML(
+            model, inner_lr=lr, inner_steps=steps, loss_fn=loss_fn, weight_decay=weight_decay, meta_gradient=mode
+        )
+
+    (loss_u, grad_u), (loss_h, grad_h) = _both(learner, batch)
+    torch.testing.assert_close(loss_h, loss_u, **TOL)
+    torch.testing.assert_close(grad_h, grad_u, **TOL)
+    assert grad_u.abs().max() > 0
+
+
+def test_hvp_route_skips_nonfinite_mlp_tasks_like_the_unrolled_path():
+    xs, ys, xq, yq = sinusoid_batch(num_tasks=3)
+    ys = ys.clone()
+    ys[2] = 1e200  # task 2's support loss overflows to inf
+
+    def learner(mode):
+        return mk.MAML(make_mlp(), inner_lr=0.01, inner_steps=2, loss_fn=F.mse_loss, nonfinite="skip",
+                       meta_gradient=mode)
+
+    with pytest.warns(RuntimeWarning, match=r"skipping tasks \[2\]"):
+        (loss_u, grad_u) = _meta_grad(learner("unroll"), (xs, ys, xq, yq))
+    with pytest.warns(RuntimeWarning, match=r"skipping tasks \[2\]"):
+        (loss_h, grad_h) = _meta_grad(learner("hvp"), (xs, ys, xq, yq))
+    torch.testing.assert_close(loss_h, loss_u, **TOL)
+    torch.testing.assert_close(grad_h, grad_u, **TOL)
+
+
+def test_auto_takes_the_route_on_conv_nets_and_whole_mlps(monkeypatch):
     calls = []
     original = _hvp_route.hvp_route_meta_loss
 
@@ -101,13 +151,16 @@ def test_auto_takes_the_route_on_conv_nets_and_not_on_mlps(monkeypatch):
     assert len(calls) == 1
     mlp = mk.MAML(make_mlp(), inner_lr=0.01, inner_steps=1, loss_fn=F.mse_loss)
     _meta_grad(mlp, sinusoid_batch())
-    assert len(calls) == 1  # MLPs keep their fused double-backward kernel
+    assert len(calls) == 2  # whole MLPs: the fused R-operator kernel
+    # Not a loss the fused kernels implement: the unrolled path.
+    _meta_grad(mk.MAML(make_mlp(), inner_lr=0.01, inner_steps=1, loss_fn=F.l1_loss), sinusoid_batch())
+    assert len(calls) == 2
     # First order and evaluation never take it (nothing second-order to compute).
     fo = mk.FOMAML(make_convnet(), inner_lr=0.3, inner_steps=1, loss_fn=F.cross_entropy)
     _meta_grad(fo, image_batch())
     with torch.no_grad():
         conv.meta_loss(*image_batch())
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_hvp_route_skips_nonfinite_tasks_like_the_unrolled_path():
@@ -135,8 +188,9 @@ def test_hvp_route_skips_nonfinite_tasks_like_the_unrolled_path():
     "make, why",
     [
         (
-            lambda: mk.MAML(make_mlp(), inner_lr=0.01, inner_steps=1, loss_fn=F.mse_loss, meta_gradient="hvp"),
-            "R-operator",
+            # an MLP with a loss the fused R-operator does not implement
+            lambda: mk.MAML(make_mlp(), inner_lr=0.01, inner_steps=1, loss_fn=F.l1_loss, meta_gradient="hvp"),
+            "R-operators cover",
         ),
         (
             lambda: mk.MetaSGD(make_convnet(), inner_steps=1, loss_fn=F.cross_entropy, meta_gradient="hvp"),

@@ -8,15 +8,17 @@ in reverse (each step's Jacobian is symmetric: I - a_i (H_i + wd I), H_i the sup
 
 per task, and the meta-loss mean over tasks takes the mean of the v_0. Autograd through the unrolled loop
 computes exactly these products, but through the double-backward graph of every layer (aten's BatchNorm and
-convolution double backwards) and keeps every step's activation graph alive. Here each H_i v is one call of the
-conv-net R-operator (functional/conv_rop.py: about two gradients' work, all tasks as grouped convolutions), the
-gradients run without a graph through the fused conv-block kernels, and memory holds the k fast weights [T, P]
-rather than k activation graphs.
+convolution double backwards) and keeps every step's activation graph alive. Here each H_i v is one call of an
+R-operator: on conv nets the conv-net R-operator (functional/conv_rop.py: about two gradients' work, all tasks as
+grouped convolutions), on whole MLPs the fused kernel metakernels::mlp_loss_grad_backward (one C++ call for all
+tasks). The gradients run without a graph through the fused kernels, and memory holds the k fast weights [T, P]
+rather than k activation graphs. On MLPs the gain is bookkeeping: the unrolled path calls the same fused kernels,
+but records an autograd graph of ~10 nodes per inner step and walks it back.
 
 Applies to MAML-style learners whose inner rates are plain numbers (no learned rates: Meta-SGD and MAML++ need
 d/d(rate) terms), with no per-step query losses, no Hessian penalty, no input preprocessing (ANIL), every
-meta-learned parameter adapted, on a model the conv-net R-operator covers (conv blocks, Flatten, Linear layers;
-MSE or cross-entropy). Everything else takes the unrolled path; ``meta_gradient="unroll"`` forces it.
+meta-learned parameter adapted, on a model one of the R-operators covers (conv blocks, Flatten, Linear layers; or
+a whole MLP, nn.Sequential of Linear layers with one hidden activation; MSE or cross-entropy). Everything else takes the unrolled path; ``meta_gradient="unroll"`` forces it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..functional.conv_rop import ConvNetHessian
-from ..functional.hvp import conv_rop_case
+from ..functional.hvp import _mlp_hvp, conv_rop_case, fused_mlp_case
 from ..ops.inner_step import inner_step
 from ._precomputed import PrecomputedGradient
 
@@ -59,8 +61,10 @@ def hvp_route_refusal(learner: GradientLearner, xs: torch.Tensor, ys: torch.Tens
     if not learner.fused:
         return "fused=False (the R-operator runs on the fused plan)"
     flat = learner._reference_param()
+    if fused_mlp_case(learner.model, learner.layout, learner.loss_fn, flat, xs, ys) is not None:
+        return None
     if conv_rop_case(learner.model, learner.layout, learner.loss_fn, flat, xs, ys) is None:
-        return "the model, loss or data is not one the conv-net R-operator covers"
+        return "the model, loss or data is not one the fused MLP or conv-net R-operators cover"
     return None
 
 
@@ -80,10 +84,14 @@ def hvp_route_meta_loss(
     phi = theta.unsqueeze(0).expand(xs.shape[0], -1).contiguous()
     points: list[torch.Tensor] = []  # phi_0 .. phi_{k-1}: where the support Hessians are taken
     rates: list[float] = []
-    stages, kind = conv_rop_case(learner.model, layout, learner.loss_fn, phi, xs, ys)
+    # A whole MLP: the fused R-operator kernel, which recomputes its forward per product (nothing to keep). Else
+    # a conv net (hvp_route_refusal has checked that one of the two applies).
+    mlp = fused_mlp_case(learner.model, layout, learner.loss_fn, phi, xs, ys)
+    if mlp is None:
+        stages, kind = conv_rop_case(learner.model, layout, learner.loss_fn, phi, xs, ys)
     last_hessian = None
     for step in range(learner.inner_steps):
-        if step == learner.inner_steps - 1:
+        if mlp is None and step == learner.inner_steps - 1:
             # The last point's Hessian operator is needed first in the reverse pass: built now, its forward and
             # backward also give this step's losses and gradient (one support pass fewer; only this one
             # operator is kept alive, so memory still does not grow with k).
@@ -104,12 +112,16 @@ def hvp_route_meta_loss(
         tracker.record("query loss", query_losses)
     wd = learner.weight_decay
     for point, lr in zip(reversed(points), reversed(rates), strict=True):
-        if last_hessian is not None:
-            hessian, last_hessian = last_hessian, None
+        if mlp is not None:
+            with torch.no_grad():
+                hv = _mlp_hvp(mlp, point, xs, ys, v)
         else:
-            hessian = ConvNetHessian(stages, layout, point, xs, ys, kind)
-        hv = hessian(v)
-        del hessian
+            if last_hessian is not None:
+                hessian, last_hessian = last_hessian, None
+            else:
+                hessian = ConvNetHessian(stages, layout, point, xs, ys, kind)
+            hv = hessian(v)
+            del hessian
         if wd != 0:
             hv.add_(v, alpha=wd)
         v = v.sub_(hv, alpha=lr) if v.is_contiguous() else v - lr * hv

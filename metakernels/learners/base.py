@@ -98,9 +98,10 @@ class GradientLearner(nn.Module):
         hessian_probes: Rademacher probes per task for that estimate (drawn from torch's global generator).
         meta_gradient: how the second-order meta-gradient is computed. "unroll": autograd through the unrolled
             inner loop (the double backward of every layer). "hvp": reverse accumulation with Hessian-vector
-            products by the conv-net R-operator, no graph kept (learners/_hvp_route.py; plain MAML steps on a
-            conv net the R-operator covers, every meta-learned parameter adapted; raises otherwise). "auto"
-            (default): "hvp" where it applies, else "unroll". Both give the same meta-gradient up to rounding.
+            products by the conv-net R-operator or the fused MLP one, no graph kept (learners/_hvp_route.py;
+            plain MAML steps on a conv net or whole MLP those operators cover, every meta-learned parameter
+            adapted; raises otherwise). "auto" (default): "hvp" where it applies, else "unroll". Both give the
+            same meta-gradient up to rounding; only "unroll"'s can be differentiated again.
     """
 
     def __init__(
