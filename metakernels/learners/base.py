@@ -296,13 +296,13 @@ class GradientLearner(nn.Module):
     def _meta_loss(self, xs, ys, xq, yq, tracker: _FiniteTracker | None) -> torch.Tensor:
         create_graph = torch.is_grad_enabled() and not self.first_order
         if create_graph and self.meta_gradient != "unroll":
-            from ._hvp_route import hvp_route_meta_loss, hvp_route_refusal
+            from ._hvp_route import hvp_route_case, hvp_route_meta_loss
 
-            why_not = hvp_route_refusal(self, xs, ys)
-            if why_not is None:
-                return hvp_route_meta_loss(self, xs, ys, xq, yq, tracker)
+            case = hvp_route_case(self, xs, ys)  # or why the route does not apply
+            if not isinstance(case, str):
+                return hvp_route_meta_loss(self, case, xs, ys, xq, yq, tracker)
             if self.meta_gradient == "hvp":
-                raise ValueError(f"{self._who}: meta_gradient='hvp' does not apply here: {why_not}")
+                raise ValueError(f"{self._who}: meta_gradient='hvp' does not apply here: {case}")
         xs_in, xq_in = self.prepare_inputs(xs), self.prepare_inputs(xq)
         weights = self.step_loss_weights()
         step_losses: list[torch.Tensor] = []
